@@ -27,6 +27,7 @@ import signal as signal_mod
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -288,17 +289,29 @@ class QmpDriver:
 
 
 class SerialConsole:
-    """The client end of a serial port exported by QEMU as a unix socket server."""
+    """The client end of a serial port exported by QEMU as a unix socket server.
+
+    A background thread keeps reading the socket into :attr:`output`: QEMU's serial port
+    stalls the guest (and drops console characters) once an unread socket fills up.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._sock: socket.socket | None = None
-        self.output = b""
-        """Everything received so far."""
+        self._reader: threading.Thread | None = None
+        self._cond = threading.Condition()
+        self._output = bytearray()
+        self._eof = False
         self._pos = 0
 
+    @property
+    def output(self) -> bytes:
+        """Everything received so far."""
+        with self._cond:
+            return bytes(self._output)
+
     def connect(self, timeout: float = 10.0) -> None:
-        """Connect to the socket, retrying until ``timeout``."""
+        """Connect to the socket (retrying until ``timeout``) and start the reader thread."""
         deadline = time.monotonic() + timeout
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -310,12 +323,36 @@ class SerialConsole:
                     raise QmpError(f"cannot connect to serial socket {self.path}: {exc}") from exc
                 time.sleep(0.05)
                 continue
-            self._sock = sock
-            return
+            break
+        self._sock = sock
+        self._eof = False
+        self._reader = threading.Thread(
+            target=self._read_loop, args=(sock,), name="serial-reader", daemon=True
+        )
+        self._reader.start()
+
+    def _read_loop(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except OSError:
+                chunk = b""
+            with self._cond:
+                if not chunk:
+                    self._eof = True
+                    self._cond.notify_all()
+                    return
+                self._output += chunk
+                self._cond.notify_all()
 
     def close(self) -> None:
-        """Close the socket (idempotent)."""
+        """Close the socket and stop the reader thread (idempotent)."""
         if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            if self._reader is not None:
+                self._reader.join(5)
+                self._reader = None
             self._sock.close()
             self._sock = None
 
@@ -327,28 +364,23 @@ class SerialConsole:
 
     def expect(self, pattern: str | re.Pattern[str], timeout: float = 30.0) -> re.Match[str]:
         """Wait until the output not consumed yet matches ``pattern``; consume up to the match."""
-        if self._sock is None:
-            raise QmpError("serial console not connected")
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
-        while True:
-            text = self.output[self._pos :].decode("utf-8", "replace")
-            match = regex.search(text)
-            if match is not None:
-                self._pos += len(text[: match.end()].encode("utf-8", "replace"))
-                return match
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                tail = text[-2000:]
-                raise TimeoutError(f"serial output did not match {regex.pattern!r}; tail:\n{tail}")
-            self._sock.settimeout(remaining)
-            try:
-                chunk = self._sock.recv(65536)
-            except TimeoutError:
-                continue
-            if not chunk:
-                raise QmpError("serial console closed by QEMU")
-            self.output += chunk
+        with self._cond:
+            while True:
+                text = self._output[self._pos :].decode("utf-8", "replace")
+                match = regex.search(text)
+                if match is not None:
+                    self._pos += len(text[: match.end()].encode("utf-8", "replace"))
+                    return match
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._eof:
+                    why = "closed by QEMU" if self._eof else "timed out"
+                    raise TimeoutError(
+                        f"serial output did not match {regex.pattern!r} ({why}); tail:\n"
+                        f"{text[-2000:]}"
+                    )
+                self._cond.wait(remaining)
 
 
 class ThrowawayQemu:
@@ -660,6 +692,10 @@ class ThrowawayQemu:
     def run_in_guest(self, command: str, timeout: float = 30.0) -> str:
         """Run a shell command in the guest and return its output (needs a shell on ttyS0)."""
         marker = f"DONE-{time.monotonic_ns()}"
-        self.send_line(f"{command}; echo {marker[:5]}''{marker[5:]}")
-        match = self.expect(re.compile(rf"([\s\S]*?){re.escape(marker)}"), timeout)
-        return match.group(1)
+        typed_marker = f"{marker[:5]}''{marker[5:]}"
+        self.send_line(f"{command}; echo {typed_marker}")
+        match = self.expect(re.compile(rf"([\s\S]*?)(?<!'){re.escape(marker[5:])}"), timeout)
+        # drop the echo of the typed command line and carriage returns
+        text = match.group(1)
+        _, _, output = text[text.find(typed_marker) :].partition("\n")
+        return output.replace("\r", "")[: -len(marker[:5])]
