@@ -1,0 +1,96 @@
+"""The engine: envelopes in, firings out, on whatever clock it is given.
+
+Per envelope: QEMU's rate-limit stage (for event types QEMU throttles, per VM),
+then observers, then the rules indexed by event name, their conditions, and
+their threshold/throttle gates. A rule that fires becomes a ``Firing`` handed to
+the sink (the dispatcher live, a printer in a dry-run replay). No I/O happens
+here; the same code runs on the live clock and on replay's virtual clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from reactor.clock import Clock
+from reactor.matcher import RuleSet
+from reactor.model import Envelope, Firing, Rule
+from reactor.windows import QemuStage, RuleGate
+
+Sink = Callable[[Firing], None]
+Explain = Callable[[Envelope, Rule | None, str], None]
+"""``explain(envelope, rule, message)``: why a rule did or did not fire (rule None: the event)."""
+
+
+class Engine:
+    """Matches envelopes against a rule set and emits firings to a sink."""
+
+    def __init__(
+        self,
+        rules: RuleSet,
+        clock: Clock,
+        sink: Sink,
+        *,
+        qemu_stage: bool = True,
+        observe: Callable[[Envelope], None] | None = None,
+        explain: Explain | None = None,
+    ) -> None:
+        self.clock = clock
+        self.sink = sink
+        self.observe = observe
+        self.explain = explain
+        self.stage = QemuStage(clock, self._match) if qemu_stage else None
+        self.events_in = 0
+        self.rules = rules
+        self._gates: dict[str, RuleGate] = {}
+        self._make_gates()
+
+    def _make_gates(self) -> None:
+        self._gates = {
+            r.name: RuleGate(r, self.clock, self._fire)
+            for r in self.rules.rules
+            if r.throttle is not None or r.threshold is not None
+        }
+
+    def swap_rules(self, rules: RuleSet) -> None:
+        """Use a new, fully validated rule set; window state of the old one is dropped."""
+        self.rules = rules
+        self._make_gates()
+
+    def feed(self, env: Envelope) -> None:
+        """Take one envelope (the only entry point, live and in replay)."""
+        self.events_in += 1
+        if self.stage is None:
+            self._match(env)
+        elif not self.stage.push(env) and self.explain is not None:
+            self.explain(env, None, "held by QEMU's rate limit (1 per second per key)")
+
+    def drop_vm(self, vm: str) -> None:
+        """Forget every window state of a VM that went away."""
+        if self.stage is not None:
+            self.stage.drop_vm(vm)
+        for gate in self._gates.values():
+            gate.drop_vm(vm)
+
+    def _fire(self, firing: Firing) -> None:
+        if self.explain is not None:
+            count = firing.context.get("count", 1)
+            self.explain(firing.envelope, firing.rule, f"fired (count {count})")
+        self.sink(firing)
+
+    def _match(self, env: Envelope) -> None:
+        if self.observe is not None:
+            self.observe(env)
+        explain = self.explain
+        for rule in self.rules.candidates(env["event"]):
+            cond = rule.condition
+            if cond is not None and not cond(env):
+                if explain is not None and rule.explain is not None:
+                    explain(env, rule, f"condition failed: {rule.explain(env)}")
+                continue
+            gate = self._gates.get(rule.name)
+            if gate is None:
+                self._fire(Firing(rule, env, self.clock.now(), {"count": 1}))
+                continue
+            why = gate.push(env)
+            if why is not None and explain is not None:
+                explain(env, rule, why)

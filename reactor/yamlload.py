@@ -1,0 +1,152 @@
+"""YAML loading that remembers where every value came from.
+
+Rule and configuration files are read into ``MarkedDict`` / ``MarkedList``,
+plain containers that also hold the 1-based line and column of each key and
+value, so every later error can say ``FILE:LINE:COL``. Two YAML 1.1 quirks are
+handled here: an unquoted ``on:`` key (read by PyYAML as the boolean True) is
+the string ``"on"``, and a duplicate key is an error instead of a silent overwrite.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from reactor.errors import Diagnostic, Location, RuleError
+
+_BOOL_WORDS = {"on", "off", "yes", "no", "y", "n", "true", "false"}
+
+
+class MarkedDict(dict[Any, Any]):
+    """A mapping that knows where it, each key and each value start."""
+
+    location: Location
+    key_locations: dict[Any, Location]
+    value_locations: dict[Any, Location]
+
+    def loc(self, key: Any | None = None) -> Location:
+        """Where the value of ``key`` starts, or the mapping itself."""
+        if key is None:
+            return self.location
+        return self.value_locations.get(key, self.location)
+
+    def key_loc(self, key: Any) -> Location:
+        """Where ``key`` itself is written."""
+        return self.key_locations.get(key, self.location)
+
+
+class MarkedList(list[Any]):
+    """A sequence that knows where it and each item start."""
+
+    location: Location
+    item_locations: list[Location]
+
+    def loc(self, index: int | None = None) -> Location:
+        """Where item ``index`` starts, or the sequence itself."""
+        if index is None or index >= len(self.item_locations):
+            return self.location
+        return self.item_locations[index]
+
+
+def location_of(value: Any, default: Location) -> Location:
+    """The location of a marked container, else ``default``."""
+    return getattr(value, "location", default)
+
+
+class _MarkedLoader(yaml.SafeLoader):
+    """SafeLoader that builds marked containers."""
+
+    filename = "<string>"
+
+    def _loc(self, node: Node) -> Location:
+        return Location(self.filename, node.start_mark.line + 1, node.start_mark.column + 1)
+
+    def construct_marked_mapping(self, node: MappingNode) -> MarkedDict:
+        self.flatten_mapping(node)
+        result = MarkedDict()
+        result.location = self._loc(node)
+        result.key_locations = {}
+        result.value_locations = {}
+        for key_node, value_node in node.value:
+            key = self.construct_object(key_node, deep=True)
+            scalar = isinstance(key_node, ScalarNode)
+            if isinstance(key, bool) and scalar and key_node.value.lower() in _BOOL_WORDS:
+                key = key_node.value.lower()  # `on:` is a key, not True
+            if not isinstance(key, str | int | float | bool | None):
+                raise RuleError(
+                    "bad key",
+                    [Diagnostic(self._loc(key_node), "a mapping key must be a plain value")],
+                )
+            if key in result:
+                raise RuleError(
+                    "duplicate key",
+                    [Diagnostic(self._loc(key_node), f"duplicate key '{key}'")],
+                )
+            result[key] = self.construct_object(value_node, deep=True)
+            result.key_locations[key] = self._loc(key_node)
+            result.value_locations[key] = self._loc(value_node)
+        return result
+
+    def construct_marked_sequence(self, node: SequenceNode) -> MarkedList:
+        result = MarkedList(self.construct_object(child, deep=True) for child in node.value)
+        result.location = self._loc(node)
+        result.item_locations = [self._loc(child) for child in node.value]
+        return result
+
+
+_MarkedLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _MarkedLoader.construct_marked_mapping
+)
+_MarkedLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _MarkedLoader.construct_marked_sequence
+)
+
+
+def _decode(data: bytes, filename: str) -> str:
+    """UTF-8 text, or a RuleError pointing at the first byte that is not."""
+    nul = data.find(b"\0")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        bad = err.start
+    else:
+        if nul < 0:
+            return text.removeprefix("\ufeff")
+        bad = nul
+    head = data[:bad]
+    line = head.count(b"\n") + 1
+    col = bad - (head.rfind(b"\n") + 1) + 1
+    loc = Location(filename, line, col)
+    raise RuleError("not text", [Diagnostic(loc, "not a text file (binary data or not UTF-8)")])
+
+
+def load_text(text: str, filename: str) -> Any:
+    """Parse YAML text into marked containers; syntax errors become a RuleError."""
+    loader = _MarkedLoader(text)
+    loader.filename = filename
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        loc = Location(filename, mark.line + 1, mark.column + 1) if mark else Location(filename)
+        problem = err.problem or err.context or "invalid YAML"
+        raise RuleError("YAML syntax", [Diagnostic(loc, f"YAML syntax: {problem}")]) from err
+    except yaml.YAMLError as err:
+        diag = Diagnostic(Location(filename, 1, 1), f"YAML: {err}")
+        raise RuleError("YAML", [diag]) from err
+    finally:
+        loader.dispose()
+
+
+def load_file(path: Path, display: str | None = None) -> Any:
+    """Read and parse a YAML file; unreadable, binary or invalid files raise RuleError."""
+    name = display or str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        diag = Diagnostic(Location(name), f"cannot read: {err.strerror or err}")
+        raise RuleError("unreadable", [diag]) from err
+    return load_text(_decode(data, name), name)
