@@ -1,0 +1,85 @@
+"""The ``notify`` action: a human-readable notice through Apprise (mail, chat, push...).
+
+Apprise's asynchronous API is used, never its blocking ``notify()``, so a slow
+service does not stall the event loop. Apprise is imported on first use: it
+loads many service modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from reactor.actions.base import ActionContext, ActionType, CheckContext
+from reactor.actions.params import ActionParams
+from reactor.errors import PermanentActionError, TransientActionError
+from reactor.hookspecs import Register, hookimpl
+from reactor.secrets import redact
+from reactor.templates import is_template
+
+
+class NotifyParams(ActionParams):
+    """Parameters of ``notify``."""
+
+    urls: list[str] = Field(
+        min_length=1, description="Apprise URLs, e.g. mailto://... (templates, secret references)"
+    )
+    title: str | None = Field(None, description='default "qmp-reactor: EVENT on VM" (template)')
+    body: str | None = Field(None, description='default "EVENT on VM (rule RULE)" (template)')
+    tag: str | None = Field(None, description="only notify URLs carrying this Apprise tag")
+
+
+def default_body(ctx: ActionContext) -> str:
+    """A short readable summary: ``"<event> on <vm> (rule <rule>)"``."""
+    env = ctx.envelope
+    return f"{env.get('event', '?')} on {env.get('vm', '?')} (rule {ctx.rule})"
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0] + "://" if "://" in url else "?"
+
+
+async def run_notify(params: NotifyParams, ctx: ActionContext) -> dict[str, Any]:
+    """Send the notice to every URL; TransientActionError when Apprise reports a failure."""
+    import apprise
+
+    notifier = apprise.Apprise()
+    for url in params.urls:
+        if not notifier.add(url, tag=params.tag):
+            raise PermanentActionError(f"notify: not a valid Apprise URL ({_scheme(url)}...)")
+    env = ctx.envelope
+    title = params.title or f"qmp-reactor: {env.get('event', '?')} on {env.get('vm', '?')}"
+    body = params.body or default_body(ctx)
+    tags = {"tag": params.tag} if params.tag else {}
+    ok = await notifier.async_notify(body=body, title=title, **tags)
+    if not ok:
+        schemes = ", ".join(sorted({_scheme(url) for url in params.urls}))
+        raise TransientActionError(redact(f"notify via {schemes} failed"))
+    return {"notified": len(params.urls)}
+
+
+def check_notify(params: NotifyParams, ctx: CheckContext) -> list[str]:
+    """URLs written out in full (no template, no secret) must be ones Apprise understands."""
+    import apprise
+
+    return [
+        f"urls[{i}]: not a valid Apprise URL ({_scheme(url)}...)"
+        for i, url in enumerate(params.urls)
+        if not is_template(url) and apprise.Apprise.instantiate(url) is None
+    ]
+
+
+NOTIFY = ActionType(
+    name="notify",
+    params=NotifyParams,
+    run=run_notify,
+    check=check_notify,
+    description="Send a readable notice through Apprise URLs (mail, chat, push services).",
+)
+
+
+@hookimpl
+def reactor_register_actions(register: Register) -> None:
+    """Register ``notify``."""
+    register(NOTIFY)
