@@ -20,6 +20,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from reactor.errors import PermanentActionError
 
@@ -64,6 +65,22 @@ def reference_warning(ref: SecretRef, environ: Mapping[str, str] | None = None) 
     if ref.kind == "env" and ref.ref not in env:
         return f"environment variable {ref.ref} of {ref} is not set"
     return None
+
+
+def secret_warnings(
+    params: Any, environ: Mapping[str, str] | None = None, path: tuple[str | int, ...] = ()
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """``(path, warning)`` for each reference in a nested ``with:`` that would fail now."""
+    if isinstance(params, str):
+        found = (reference_warning(ref, environ) for ref in find_references(params))
+        return [(path, warning) for warning in found if warning]
+    if isinstance(params, Mapping):
+        items: Any = params.items()
+    elif isinstance(params, list | tuple):
+        items = enumerate(params)
+    else:
+        return []
+    return [w for key, item in items for w in secret_warnings(item, environ, (*path, key))]
 
 
 class Redactor:

@@ -126,6 +126,14 @@ def find_problems(params: Mapping[str, Any]) -> list[TemplateSyntaxProblem]:
     return problems
 
 
+def template_problems(params: Mapping[str, Any]) -> list[tuple[ParamPath, str]]:
+    """``(path, message)`` for every problem ``find_problems`` finds, the line folded in."""
+    return [
+        (p.path, f"{p.message} (line {p.lineno} of the string)" if p.lineno > 1 else p.message)
+        for p in find_problems(params)
+    ]
+
+
 def compile_params(params: Mapping[str, Any]) -> CompiledParams:
     """Compile every templated string of ``params`` once; raises the first TemplateSyntaxProblem."""
     problems: list[TemplateSyntaxProblem] = []

@@ -1,102 +1,22 @@
-"""Checking an action's ``with:`` parameters at load, and rendering them per attempt.
+"""An action ready to run: its type and its compiled parameters.
 
-``check_action`` is what ``check`` calls for each action of each rule: template
-and secret-reference syntax, unknown or ill-typed parameters (validated on the
-text as written, before rendering), then the type's own policy check.
-``prepare_action`` compiles once at load; ``PreparedAction.run`` is what the
-dispatcher awaits for each attempt.
+``prepare_action`` compiles the ``with:`` templates once, at load;
+``PreparedAction.run`` is what the dispatcher awaits for each attempt: render
+the parameters for the event, validate them, run the action once.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from reactor.actions.base import ActionContext, ActionType, CheckContext
+from reactor.actions.base import ActionContext, ActionType
 from reactor.errors import PermanentActionError
-from reactor.secrets import SecretResolver, find_references, redact, reference_warning
-from reactor.templates import (
-    CompiledParams,
-    ParamPath,
-    compile_params,
-    find_problems,
-    format_path,
-    template_variables,
-)
-
-
-@dataclass(frozen=True, slots=True)
-class ParamProblem:
-    """A problem in one parameter: ``path`` inside ``with:``, ``lineno`` inside the string."""
-
-    path: ParamPath
-    message: str
-    lineno: int = 0
-    severity: Literal["error", "warning"] = "error"
-
-    def __str__(self) -> str:
-        return f"{format_path(self.path)}: {self.message}"
-
-
-def check_action(
-    action_type: ActionType,
-    params: Mapping[str, Any],
-    ctx: CheckContext,
-    *,
-    environ: Mapping[str, str] | None = None,
-) -> list[ParamProblem]:
-    """Every problem ``check`` should report for one action; empty when it is fine.
-
-    Secrets are never read: an unset ``${env:NAME}`` is only a warning.
-    """
-    problems = [ParamProblem(p.path, p.message, p.lineno) for p in find_problems(params)]
-    problems += _secret_warnings(params, (), environ)
-    try:
-        model = action_type.params.model_validate(dict(params))
-    except ValidationError as err:
-        return problems + _validation_problems(action_type, err)
-    if action_type.check is not None:
-        problems += [ParamProblem((), message) for message in action_type.check(model, ctx)]
-    return problems
-
-
-def _secret_warnings(
-    value: Any, path: ParamPath, environ: Mapping[str, str] | None
-) -> list[ParamProblem]:
-    if isinstance(value, str):
-        warnings = (reference_warning(ref, environ) for ref in find_references(value))
-        return [ParamProblem(path, w, severity="warning") for w in warnings if w]
-    if isinstance(value, Mapping):
-        items: Any = value.items()
-    elif isinstance(value, list | tuple):
-        items = enumerate(value)
-    else:
-        return []
-    return [p for key, item in items for p in _secret_warnings(item, (*path, key), environ)]
-
-
-def _validation_problems(action_type: ActionType, err: ValidationError) -> list[ParamProblem]:
-    known = sorted(action_type.params.model_fields)
-    problems = []
-    for error in err.errors(include_url=False, include_input=False):
-        path: ParamPath = tuple(error["loc"])
-        message = error["msg"]
-        if error["type"] == "extra_forbidden" and len(path) == 1:
-            message = _unknown_parameter(action_type.name, str(path[0]), known)
-        elif error["type"] == "missing":
-            message = f"missing required parameter of {action_type.name}"
-        problems.append(ParamProblem(path, message))
-    return problems
-
-
-def _unknown_parameter(action: str, name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown parameter {name!r} for {action}; {hint}known: {', '.join(known)}"
+from reactor.secrets import SecretResolver, redact
+from reactor.templates import CompiledParams, compile_params, format_path, template_variables
 
 
 def prepare_action(action_type: ActionType, params: Mapping[str, Any]) -> PreparedAction:
