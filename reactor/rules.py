@@ -24,7 +24,7 @@ from reactor.matcher import RuleSet
 from reactor.model import ActionSpec, CompiledPath, RetryPolicy, Rule, Threshold, Throttle
 from reactor.paths import PathSyntaxError, compile_path, data_field
 from reactor.validation import validate_action
-from reactor.yamlload import MarkedDict, MarkedList, load_file
+from reactor.yamlload import MarkedDict, MarkedList, load_file, plain
 
 RULE_KEYS = (
     "name",
@@ -268,7 +268,7 @@ class Compiler:
         op = ops[0]
         if path is None or not self._operand_ok(op, node[op], node.loc(op)):
             return _never()
-        return C.leaf(path, op, node[op])
+        return C.leaf(path, op, plain(node[op]))
 
     def _operand_ok(self, op: str, value: Any, loc: Location) -> bool:
         import re
@@ -311,8 +311,8 @@ class Compiler:
         return compiled
 
     def _check_fields(self, ctx: _Ctx) -> None:
-        if not ctx.fields or not ctx.events:
-            return
+        if not ctx.fields or not ctx.events or "*" in ctx.events:
+            return  # "*" stands for any event, also ones no catalog knows
         names: set[str] = set()
         for pattern in ctx.events:
             names.update(self.catalog.expand(pattern))
@@ -447,8 +447,12 @@ class Compiler:
         if "window" not in node:
             self.error(node.location, "a 'window' duration is needed, e.g. window: 10s")
             return 0.0
-        window = self._duration(node["window"], node.loc("window"))
-        if window <= 0 and "window" in node:
+        try:
+            window = parse_duration(node["window"])
+        except ValueError as err:
+            self.error(node.loc("window"), str(err))
+            return 0.0
+        if window <= 0:
             self.error(node.loc("window"), "window must be longer than zero")
         return window
 

@@ -17,7 +17,10 @@ from reactor.errors import Diagnostic, Location
 from reactor.model import ActionSpec
 
 
-def _where(spec: ActionSpec, loc: tuple[Any, ...]) -> Location:
+def _where(spec: ActionSpec, loc: tuple[Any, ...], *, key: bool = False) -> Location:
+    if key and loc and hasattr(spec.params, "key_loc"):
+        where: Location = spec.params.key_loc(loc[0])
+        return where
     if loc and isinstance(loc[0], str) and loc[0] in spec.param_locations:
         return spec.param_locations[loc[0]]
     return getattr(spec.params, "location", spec.location)
@@ -38,7 +41,8 @@ def _pydantic_problems(kind: ActionType, spec: ActionSpec) -> tuple[Any, list[Di
                 msg = f"{spec.type}: unknown parameter '{name}' (known: {known})"
             else:
                 msg = f"{spec.type}: parameter '{name}': {e.get('msg', 'invalid')}"
-            diags.append(Diagnostic(_where(spec, loc), msg))
+            extra = e.get("type") == "extra_forbidden"
+            diags.append(Diagnostic(_where(spec, loc, key=extra), msg))
         return None, diags
 
 

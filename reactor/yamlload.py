@@ -150,3 +150,12 @@ def load_file(path: Path, display: str | None = None) -> Any:
         diag = Diagnostic(Location(name), f"cannot read: {err.strerror or err}")
         raise RuleError("unreadable", [diag]) from err
     return load_text(_decode(data, name), name)
+
+
+def plain(value: Any) -> Any:
+    """The same value with marked containers turned into plain dicts and lists."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return value

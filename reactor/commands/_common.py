@@ -47,11 +47,11 @@ def load_action_types(
     args: argparse.Namespace, extra_dirs: Iterable[Path] = ()
 ) -> tuple[Mapping[str, ActionType], Any]:
     """The registered action types and the plugin host, loaded as the flags say."""
-    from reactor.plugins import make_plugins
+    from reactor.plugins import load_plugins
 
     dirs = [Path(d) for d in (getattr(args, "plugin_dir", None) or ["plugins"])]
     dirs.extend(extra_dirs)
-    plugins = make_plugins(plugin_dirs=tuple(dirs), blocked=tuple(args.block_plugin or ()))
+    plugins = load_plugins(plugin_dirs=tuple(dirs), blocked=tuple(args.block_plugin or ()))
     return plugins.action_types(), plugins
 
 
