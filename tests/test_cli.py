@@ -1,0 +1,109 @@
+"""The command line as a user runs it: real subprocesses, exit codes, exact output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, stdin: str | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "reactor", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=60,
+    )
+
+
+def test_check_default_pack_is_clean() -> None:
+    result = cli("check", "--strict", "rules")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_bundled_pack_is_the_repository_pack() -> None:
+    bundled = ROOT / "reactor" / "data" / "rules"
+    mine = sorted(p.name for p in (ROOT / "rules").glob("*.yaml"))
+    assert mine == sorted(p.name for p in bundled.glob("*.yaml"))
+    for name in mine:
+        assert (ROOT / "rules" / name).read_text() == (bundled / name).read_text(), name
+
+
+def test_check_reports_located_errors_and_exit_1(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - name: x\n    on: GUEST_PANIKED\n    actions: [{type: log}]\n")
+    result = cli("check", str(bad))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"{bad}:3:9: error: unknown event 'GUEST_PANIKED' (did you mean GUEST_PANICKED?)"
+    )
+    assert result.stdout == ""
+
+
+def test_check_binary_file_has_no_traceback(tmp_path: Path) -> None:
+    (tmp_path / "x.yaml").write_bytes(bytes(range(256)))
+    result = cli("check", str(tmp_path))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "error: not a text file" in result.stderr
+
+
+def test_check_strict_turns_warnings_into_errors(tmp_path: Path) -> None:
+    f = tmp_path / "w.yaml"
+    f.write_text("rules:\n  - name: x\n    on: NOPE_*\n    actions: [{type: log}]\n")
+    assert cli("check", str(f)).returncode == 0
+    strict = cli("check", "--strict", str(f))
+    assert strict.returncode == 1
+    assert f"{f}:3:9: error: 'NOPE_*' matches no known event" in strict.stderr
+
+
+def test_replay_reads_stdin_and_reports_bad_lines(tmp_path: Path) -> None:
+    rules = tmp_path / "r.yaml"
+    rules.write_text("rules:\n  - name: stopped\n    on: STOP\n    actions: [{type: log}]\n")
+    events = (
+        '{"event": "STOP", "timestamp": {"seconds": 100, "microseconds": 5}}\n'
+        "\n"
+        "{not json\n"
+        '{"event": "STOP", "vm": "web-2", "timestamp": {"seconds": 101, "microseconds": 0}}\n'
+        '{"data": {}, "timestamp": {"seconds": 102, "microseconds": 0}}\n'
+    )
+    result = cli("replay", "-", "--rules", str(rules), stdin=events)
+    assert result.returncode == 1
+    lines = [json.loads(x) for x in result.stdout.splitlines()]
+    assert lines == [
+        {"time": 100.000005, "rule": "stopped", "action": "log", "vm": "stdin", "event": "STOP",
+         "seq": 1},
+        {"time": 101.0, "rule": "stopped", "action": "log", "vm": "web-2", "event": "STOP",
+         "seq": 2},
+    ]  # fmt: skip
+    assert "-:3: error: invalid JSON" in result.stderr
+    assert "-:5: error: missing 'event'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_replay_explain_says_why(tmp_path: Path) -> None:
+    rules = tmp_path / "r.yaml"
+    rules.write_text(
+        "rules:\n  - name: only-web\n    on: STOP\n"
+        "    when: {path: $.vm, matches: '^web'}\n    actions: [{type: log}]\n"
+    )
+    events = '{"event": "STOP", "vm": "db-1", "timestamp": {"seconds": 1, "microseconds": 0}}\n'
+    result = cli("replay", "-", "--rules", str(rules), "--explain", stdin=events)
+    assert result.returncode == 0
+    assert result.stdout == ""
+    assert "rule only-web: condition failed: $.vm matches \"^web\" is false" in result.stderr
+
+
+def test_invalid_rules_stop_replay_with_located_error(tmp_path: Path) -> None:
+    rules = tmp_path / "r.yaml"
+    rules.write_text("rules:\n  - name: x\n    on: STOP\n    actions: [{type: log, with: 3}]\n")
+    result = cli("replay", "-", "--rules", str(rules), stdin="")
+    assert result.returncode == 1
+    assert f"{rules}:4:33: error: 'with:' must be a mapping" in result.stderr
