@@ -153,7 +153,7 @@ class Plugins:
 
     def plugin_names(self) -> list[str]:
         """Names of the registered plugins, in registration order."""
-        return [name for name, _ in self.pm.list_name_plugin()]
+        return [name for name, plugin in self.pm.list_name_plugin() if plugin is not None]
 
     def origin(self, name: str) -> PluginOrigin:
         """Where the plugin ``name`` came from."""
