@@ -1,0 +1,260 @@
+"""The webhook action against a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from reactor import __version__
+from reactor.actions.base import ActionContext, ActionSettings, CheckContext
+from reactor.actions.prepare import prepare_action
+from reactor.actions.webhook import (
+    WEBHOOK,
+    WebhookParams,
+    aclose_shared_clients,
+    retry_after,
+    run_webhook,
+)
+from reactor.errors import PermanentActionError, TransientActionError
+from reactor.secrets import Redactor, SecretResolver
+
+ENVELOPE = {
+    "event": "GUEST_PANICKED",
+    "data": {"action": "pause"},
+    "timestamp": {"seconds": 1700000000, "microseconds": 0},
+    "vm": "web1",
+    "seq": 4,
+    "received_at": 1700000000.0,
+}
+
+
+def make_ctx(attempt: int = 1) -> ActionContext:
+    return ActionContext(
+        invocation_id="inv-7",
+        idempotency_key="idem-7f3a",
+        rule="panic-hook",
+        action_index=0,
+        envelope=ENVELOPE,
+        context={},
+        attempt=attempt,
+        settings=ActionSettings(),
+    )
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Script:
+    """Responses to hand out in order (the last one repeats), and requests seen."""
+
+    responses: list[tuple[int, dict[str, str], float]]
+    seen: list[Recorded] = field(default_factory=list)
+
+    def next(self) -> tuple[int, dict[str, str], float]:
+        return self.responses.pop(0) if len(self.responses) > 1 else self.responses[0]
+
+
+def handler_for(script: Script) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_any(self) -> None:
+            length = int(self.headers.get("Content-Length", 0))
+            body = self.rfile.read(length)
+            script.seen.append(Recorded(self.command, self.path, dict(self.headers), body))
+            status, headers, delay = script.next()
+            time.sleep(delay)
+            try:
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"no")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (the timeout test)
+
+        do_POST = do_PUT = do_any
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, Script]]:
+    script = Script([(200, {}, 0.0)])
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(script))
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", script
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+def hmac_sha256(key: bytes, message: bytes) -> str:
+    """RFC 2104 by hand, so the test does not share the code under test's hmac module."""
+    block = 64
+    key = key.ljust(block, b"\0") if len(key) <= block else hashlib.sha256(key).digest()
+    key = key.ljust(block, b"\0")
+    inner = hashlib.sha256(bytes(k ^ 0x36 for k in key) + message).digest()
+    return hashlib.sha256(bytes(k ^ 0x5C for k in key) + inner).hexdigest()
+
+
+def attempt(params: WebhookParams, n: int) -> Any:
+    async def go() -> Any:
+        try:
+            return await run_webhook(params, make_ctx(n))
+        finally:
+            await aclose_shared_clients()
+
+    return asyncio.run(go())
+
+
+def test_retries_on_503_and_429_with_same_key_and_valid_signatures(
+    server: tuple[str, Script],
+) -> None:
+    url, script = server
+    script.responses[:] = [(503, {}, 0.0), (429, {"Retry-After": "7"}, 0.0), (200, {}, 0.0)]
+    params = WebhookParams(url=f"{url}/hook", secret="s3cret")
+    with pytest.raises(TransientActionError) as first:
+        attempt(params, 1)
+    assert "HTTP 503" in str(first.value) and first.value.retry_after is None
+    with pytest.raises(TransientActionError) as second:
+        attempt(params, 2)
+    assert second.value.retry_after == 7.0
+    assert attempt(params, 3) == {"status": 200}
+
+    assert len(script.seen) == 3
+    assert {r.headers["Idempotency-Key"] for r in script.seen} == {"idem-7f3a"}
+    for request in script.seen:
+        assert request.method == "POST" and request.path == "/hook"
+        timestamp = request.headers["X-Reactor-Timestamp"]
+        assert abs(int(timestamp) - time.time()) < 300
+        expected = hmac_sha256(b"s3cret", f"{timestamp}.".encode() + request.body)
+        assert request.headers["X-Reactor-Signature"] == f"sha256={expected}"
+        assert request.headers["Content-Type"] == "application/json"
+        assert request.headers["User-Agent"] == f"qmp-reactor/{__version__}"
+        assert json.loads(request.body) == {"rule": "panic-hook", "event": ENVELOPE}
+
+
+def test_no_secret_no_signature(server: tuple[str, Script]) -> None:
+    url, script = server
+    attempt(WebhookParams(url=url, headers={"X-Extra": "1"}), 1)
+    headers = script.seen[0].headers
+    assert "X-Reactor-Signature" not in headers and "X-Reactor-Timestamp" not in headers
+    assert headers["X-Extra"] == "1"
+
+
+def test_client_errors_are_permanent(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.responses[:] = [(404, {}, 0.0)]
+    with pytest.raises(PermanentActionError, match="HTTP 404"):
+        attempt(WebhookParams(url=url), 1)
+
+
+def test_redirects_are_not_followed(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.responses[:] = [(302, {"Location": f"{url}/elsewhere"}, 0.0)]
+    with pytest.raises(PermanentActionError, match=r"302 redirect .* not followed"):
+        attempt(WebhookParams(url=url), 1)
+    assert [r.path for r in script.seen] == ["/"]
+
+
+def test_connection_refused_is_transient() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(TransientActionError, match="ConnectError"):
+        attempt(WebhookParams(url=f"http://127.0.0.1:{port}/"), 1)
+
+
+def test_timeout_is_transient(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.responses[:] = [(200, {}, 0.5)]
+    with pytest.raises(TransientActionError, match=r"timed out after 0\.1s"):
+        attempt(WebhookParams.model_validate({"url": url, "timeout": "100ms"}), 1)
+
+
+def test_rendered_mapping_body_is_json_and_string_body_is_sent_as_is(
+    server: tuple[str, Script],
+) -> None:
+    url, script = server
+    mapping = prepare_action(
+        WEBHOOK,
+        {"url": url, "body": {"text": "{{ vm }}: {{ event }}", "n": 2}, "method": "PUT"},
+    )
+    raw = prepare_action(WEBHOOK, {"url": url, "body": '{"vm": "{{ vm }}"} '})
+
+    async def go() -> None:
+        try:
+            await mapping.run(make_ctx())
+            await raw.run(make_ctx())
+        finally:
+            await aclose_shared_clients()
+
+    asyncio.run(go())
+    assert script.seen[0].method == "PUT"
+    assert json.loads(script.seen[0].body) == {"text": "web1: GUEST_PANICKED", "n": 2}
+    assert script.seen[1].body == b'{"vm": "web1"} '
+
+
+def test_secret_from_environment_signs_and_is_redacted(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.responses[:] = [(400, {}, 0.0)]
+    redactor = Redactor()
+    resolver = SecretResolver(redactor, environ={"HOOK_KEY": "k-99", "TOKEN": "tok-55"})
+    prepared = prepare_action(
+        WEBHOOK, {"url": url + "/?token=${env:TOKEN}", "secret": "${env:HOOK_KEY}"}
+    )
+
+    async def go() -> None:
+        try:
+            await prepared.run(make_ctx(), secrets=resolver)
+        finally:
+            await aclose_shared_clients()
+
+    with pytest.raises(PermanentActionError) as info:
+        asyncio.run(go())
+    request = script.seen[0]
+    assert request.path == "/?token=tok-55"
+    timestamp = request.headers["X-Reactor-Timestamp"]
+    expected = hmac_sha256(b"k-99", f"{timestamp}.".encode() + request.body)
+    assert request.headers["X-Reactor-Signature"] == f"sha256={expected}"
+    assert redactor.redact(str(info.value)) == str(info.value).replace("tok-55", "***")
+
+
+def test_retry_after_parses_seconds_and_http_dates() -> None:
+    assert retry_after("120") == 120.0
+    assert retry_after(None) is None and retry_after("soon") is None
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 20.0 <= (retry_after(later) or 0.0) <= 30.0
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+def test_check_refuses_non_http_urls() -> None:
+    assert WEBHOOK.check is not None
+    ctx = CheckContext(settings=ActionSettings(), rule="r")
+    assert WEBHOOK.check(WebhookParams(url="ftp://x/"), ctx)
+    assert WEBHOOK.check(WebhookParams(url="{{ data.url }}"), ctx) == []
+    assert WEBHOOK.check(WebhookParams(url="https://hooks.example/x"), ctx) == []
