@@ -270,6 +270,20 @@ class QmpDriver:
                 return message
             self.events.append(message)
 
+    def next_event(self, timeout: float | None = 10.0) -> dict[str, Any]:
+        """Return (and remove) the oldest collected event, or read the next one from the socket.
+
+        ``timeout=None`` blocks. Raises ``TimeoutError`` when nothing arrives in time and
+        :class:`QmpError` once QEMU has closed the connection.
+        """
+        if self.events:
+            return self.events.popleft()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            message = self._read_message(deadline)
+            if "event" in message:
+                return message
+
     def read_events(self, duration: float) -> list[dict[str, Any]]:
         """Collect events for ``duration`` seconds (or until QEMU closes the socket).
 
@@ -577,11 +591,20 @@ class ThrowawayQemu:
                     f"{[str(p) for p in pending]}\n{self.log_text()}"
                 )
             time.sleep(0.02)
-        if self.serial:
-            self.console = SerialConsole(self.serial_socket)
-            self.console.connect(timeout=max(1.0, deadline - time.monotonic()))
-        self.qmp = QmpDriver(self.driver_socket)
-        self.qmp.connect(timeout=max(1.0, deadline - time.monotonic()))
+        try:
+            if self.serial:
+                self.console = SerialConsole(self.serial_socket)
+                self.console.connect(timeout=max(1.0, deadline - time.monotonic()))
+            self.qmp = QmpDriver(self.driver_socket)
+            self.qmp.connect(timeout=max(1.0, deadline - time.monotonic()))
+        except (OSError, QmpError) as exc:
+            # QEMU creates its sockets before it builds the devices, so a bad -device
+            # shows up here: give it a moment to exit and report what it said
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(2)
+            status = self._proc.poll()
+            state = "still running" if status is None else f"exited with status {status}"
+            raise QemuStartError(f"QEMU {state}; {exc}:\n{self.log_text()}") from exc
 
     def log_text(self) -> str:
         """QEMU's stdout and stderr so far."""

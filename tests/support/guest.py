@@ -288,6 +288,7 @@ def booted_guest(
     devices: Sequence[str] = (),
     extra_args: Sequence[str] = (),
     panic_pause: bool = False,
+    quorum: bool = False,
     append: str = DEFAULT_APPEND,
     ready_timeout: float = 60.0,
 ) -> Iterator[ThrowawayQemu]:
@@ -302,6 +303,7 @@ def booted_guest(
         devices=devices,
         extra_args=extra_args,
         panic_pause=panic_pause,
+        quorum=quorum,
     )
     try:
         qemu.expect(READY_MARKER, ready_timeout)
