@@ -7,6 +7,8 @@ loads many service modules.
 
 from __future__ import annotations
 
+import warnings
+from functools import cache
 from typing import Any
 
 from pydantic import Field
@@ -30,6 +32,22 @@ class NotifyParams(ActionParams):
     tag: str | None = Field(None, description="only notify URLs carrying this Apprise tag")
 
 
+@cache
+def _apprise() -> Any:
+    """The apprise module with its service modules loaded, once.
+
+    Loading them imports the standard library's ``imghdr``, deprecated since
+    Python 3.11; that warning is Apprise's business, not our users'.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "'imghdr' is deprecated", DeprecationWarning)
+        import apprise
+        from apprise.plugins import N_MGR
+
+        N_MGR.load_modules()  # type: ignore[no-untyped-call]
+    return apprise
+
+
 def default_body(ctx: ActionContext) -> str:
     """A short readable summary: ``"<event> on <vm> (rule <rule>)"``."""
     env = ctx.envelope
@@ -42,9 +60,7 @@ def _scheme(url: str) -> str:
 
 async def run_notify(params: NotifyParams, ctx: ActionContext) -> dict[str, Any]:
     """Send the notice to every URL; TransientActionError when Apprise reports a failure."""
-    import apprise
-
-    notifier = apprise.Apprise()
+    notifier = _apprise().Apprise()
     for url in params.urls:
         if not notifier.add(url, tag=params.tag):
             raise PermanentActionError(f"notify: not a valid Apprise URL ({_scheme(url)}...)")
@@ -61,8 +77,7 @@ async def run_notify(params: NotifyParams, ctx: ActionContext) -> dict[str, Any]
 
 def check_notify(params: NotifyParams, ctx: CheckContext) -> list[str]:
     """URLs written out in full (no template, no secret) must be ones Apprise understands."""
-    import apprise
-
+    apprise = _apprise()
     return [
         f"urls[{i}]: not a valid Apprise URL ({_scheme(url)}...)"
         for i, url in enumerate(params.urls)
