@@ -218,9 +218,15 @@ def kernel_package() -> str:
 
 
 def _download(packages: Sequence[str], workdir: Path) -> list[Path]:
-    # apt-get download refuses no directory but warns when _apt cannot write; let it write
+    # apt-get download falls back to running unsandboxed (with a warning) when the _apt
+    # user cannot write here; let it write
     os.chmod(workdir, 0o777)
-    _run(["apt-get", "download", *packages], cwd=workdir)
+    try:
+        _run(["apt-get", "download", *packages], cwd=workdir)
+    except RuntimeError:
+        # stale package lists name versions the mirror no longer has
+        _run(["apt-get", "update"])
+        _run(["apt-get", "download", *packages], cwd=workdir)
     debs = sorted(workdir.glob("*.deb"))
     if len(debs) < len(packages):
         raise RuntimeError(f"apt-get download gave {debs}, wanted {packages}")
