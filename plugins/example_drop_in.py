@@ -14,7 +14,7 @@ from reactor.hookspecs import Register, hookimpl
 class AppendLineParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str
-    line: str = "{{ event }} on {{ vm }}"
+    line: str  # a template: "{{ vm }} panicked"
 
 
 async def append_line(params: AppendLineParams, ctx: ActionContext) -> str:

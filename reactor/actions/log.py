@@ -25,7 +25,9 @@ _LEVELS = {
 class LogParams(ActionParams):
     """Parameters of ``log``."""
 
-    message: str = Field("{{ event }} on {{ vm }}", description="the line to log (template)")
+    message: str | None = Field(
+        None, description='the line to log (template); default "EVENT on VM"'
+    )
     level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="the log level of the line"
     )
@@ -41,7 +43,7 @@ async def run_log(params: LogParams, ctx: ActionContext) -> str:
         "seq": envelope.get("seq"),
         "invocation": ctx.invocation_id,
     }
-    message = redact(params.message)
+    message = redact(params.message or f"{envelope.get('event')} on {envelope.get('vm')}")
     line = " ".join(f"{key}={json.dumps(value)}" for key, value in fields.items())
     AUDIT.log(
         _LEVELS[params.level],

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from reactor.actions.base import ActionContext, ActionType
 from reactor.errors import PermanentActionError
-from reactor.secrets import SecretResolver, redact
+from reactor.secrets import SecretResolver
 from reactor.templates import CompiledParams, compile_params, format_path, template_variables
 
 
@@ -35,7 +35,8 @@ class PreparedAction:
         self, variables: Mapping[str, Any], *, secrets: SecretResolver | None = None
     ) -> BaseModel:
         """The validated parameter model for ``variables``; PermanentActionError if invalid."""
-        rendered = self.params.render(variables, secrets=secrets)
+        resolver = secrets or SecretResolver()
+        rendered = self.params.render(variables, secrets=resolver)
         try:
             return self.action_type.params.model_validate(rendered)
         except ValidationError as err:
@@ -44,7 +45,9 @@ class PreparedAction:
                 for e in err.errors(include_url=False, include_input=False)
             )
             raise PermanentActionError(
-                redact(f"{self.action_type.name}: rendered parameters are invalid: {details}")
+                resolver.redactor.redact(
+                    f"{self.action_type.name}: rendered parameters are invalid: {details}"
+                )
             ) from None  # the cause quotes rendered values, which may hold secrets
 
     async def run(

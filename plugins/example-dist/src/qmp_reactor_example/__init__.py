@@ -18,7 +18,7 @@ class StdoutParams(BaseModel):
     """Parameters of ``stdout``."""
 
     model_config = ConfigDict(extra="forbid")
-    line: str = Field("{{ event }} on {{ vm }}", description="what to print (template)")
+    line: str = Field(description="what to print (template)")
 
 
 async def print_line(params: StdoutParams, ctx: ActionContext) -> str:
