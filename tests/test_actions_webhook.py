@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -258,3 +259,22 @@ def test_check_refuses_non_http_urls() -> None:
     assert WEBHOOK.check(WebhookParams(url="ftp://x/"), ctx)
     assert WEBHOOK.check(WebhookParams(url="{{ data.url }}"), ctx) == []
     assert WEBHOOK.check(WebhookParams(url="https://hooks.example/x"), ctx) == []
+
+
+def test_the_documented_receiver_verifies_our_requests(server: tuple[str, Script]) -> None:
+    url, script = server
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "actions.md").read_text()
+    snippet = docs.split("### Verifying signatures", 1)[1].split("```python\n", 1)[1]
+    namespace: dict[str, Any] = {}
+    exec(snippet.split("```", 1)[0], namespace)
+    attempt(WebhookParams(url=url, secret="shared-key"), 1)
+    request = script.seen[0]
+    assert namespace["verify"](b"shared-key", request.headers, request.body) is True
+    assert namespace["verify"](b"other-key", request.headers, request.body) is False
+    assert namespace["verify"](b"shared-key", request.headers, request.body + b" ") is False
+    old = int(time.time()) - 301
+    stale = {
+        "X-Reactor-Timestamp": str(old),
+        "X-Reactor-Signature": "sha256=" + hmac_sha256(b"shared-key", f"{old}.".encode() + b"{}"),
+    }
+    assert namespace["verify"](b"shared-key", stale, b"{}") is False  # signed, but too old
