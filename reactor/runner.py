@@ -19,7 +19,6 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -174,19 +173,23 @@ class Runner:
         await retrying(attempt)
 
     async def _attempt(self, inv: Invocation, atype: ActionType) -> None:
-        async with AsyncExitStack() as limits:
-            # Per type first: waiting for a busy type must not hold a global slot.
-            if (per_type := self._per_type.get(atype.name)) is not None:
-                await limits.enter_async_context(per_type)
-            await limits.enter_async_context(self._global)
-            inv.attempts += 1
-            inv.status = "running"
-            self.outbox.update(inv)
-            self.in_flight += 1
-            try:
-                await self._run_once(inv, atype)
-            finally:
-                self.in_flight -= 1
+        # Per type first: waiting for a busy type must not hold a global slot.
+        per_type = self._per_type.get(atype.name)
+        if per_type is not None:
+            await per_type.acquire()
+        try:
+            async with self._global:
+                inv.attempts += 1
+                inv.status = "running"
+                self.outbox.update(inv)
+                self.in_flight += 1
+                try:
+                    await self._run_once(inv, atype)
+                finally:
+                    self.in_flight -= 1
+        finally:
+            if per_type is not None:
+                per_type.release()
 
     async def _run_once(self, inv: Invocation, atype: ActionType) -> None:
         timeout = asyncio.timeout(inv.spec.timeout)

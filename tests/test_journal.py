@@ -84,6 +84,24 @@ def test_state_changes_and_finishing(journal: Journal) -> None:
     assert journal.count() == 2
 
 
+def test_rows_done_at_once_are_marked_in_runs_the_rest_one_by_one(journal: Journal) -> None:
+    invs = make(8)
+    journal.add_many(invs)
+    for i, inv in enumerate(invs):
+        inv.status, inv.attempts, inv.finished_at = "done", 1, 1700000100.0 + i
+    invs[3].status, invs[3].finished_at = "pending", None  # a gap between two runs
+    invs[5].attempts, invs[5].last_error = 3, None  # done after retries
+    invs[7].status = "cancelled"
+    journal.mark(invs[:3] + invs[4:])
+    stored = [journal.get(i.id) for i in invs]
+    assert [(s.status, s.attempts) for s in stored if s] == [
+        ("done", 1), ("done", 1), ("done", 1), ("pending", 0),
+        ("done", 1), ("done", 3), ("done", 1), ("cancelled", 1),
+    ]  # fmt: skip
+    assert [i.id for i in journal.pending()] == [invs[3].id]
+    assert stored[5] is not None and stored[5].finished_at == 1700000105.0
+
+
 def test_prune_forgets_old_finished_rows_only(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "j.sqlite3", keep_finished=60)
     invs = make()
