@@ -33,10 +33,11 @@ from functools import partial
 from typing import Any
 
 from reactor.actions.base import ActionSettings, ActionType, VmControl
+from reactor.hookspecs import ActionOutcome
 from reactor.journal import ActionSpecData, Invocation, Journal, new_id
 from reactor.model import Firing, RetryPolicy, Rule
 from reactor.outbox import Outbox
-from reactor.runner import ActionOutcome, Emit, Render, Runner, Sleep
+from reactor.runner import CANCELLED, Emit, Render, Runner, Sleep
 
 __all__ = ["ActionOutcome", "Dispatcher"]
 
@@ -259,7 +260,7 @@ class Dispatcher:
         for inv in run.invocations:
             if inv.status not in _FINISHED:
                 self._runner.finish(inv, "cancelled")
-                self._runner.report(inv, "cancelled")
+                self._runner.report(inv, CANCELLED)
                 self._open -= 1
         lane = run.lane
         lane.runs.remove(run)

@@ -177,7 +177,13 @@ def journal_path(state_dir: Path) -> Path:
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)  # json.dumps() builds one per call
-_dumps = _ENCODER.encode
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return _ENCODER.encode(value)
+    except (ValueError, RecursionError):  # a cycle: keep a trace rather than lose the row
+        return _ENCODER.encode({"unserialisable": repr(value)[:2000]})
 
 
 def _rows(invs: Iterable[Invocation]) -> Iterator[tuple[Any, ...]]:

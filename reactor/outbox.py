@@ -139,20 +139,18 @@ class Outbox:
         """Write what is queued (for at most ``timeout`` s if the journal fails), then stop."""
         self._closing = True
         self._wake.set()
-        if self._task is None:
-            return
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(self._task)
-        except TimeoutError:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if len(self._pending):
+        if self._task is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(self._task)
+            except TimeoutError:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+        if self.journal is not None and len(self._pending):
             log.error(
-                "journal %s unwritable at shutdown: %d new invocations and %d state changes "
-                "were not saved (%s)",
-                self.journal.path if self.journal else "-", self._pending.rows,
-                len(self._pending.batch), self.last_error,
+                "journal %s: %d new invocations and %d state changes not saved at shutdown (%s)",
+                self.journal.path, self._pending.rows, len(self._pending.batch),
+                self.last_error or "the writer never started",
             )  # fmt: skip
 
     async def _run(self) -> None:
@@ -185,7 +183,9 @@ class Outbox:
                 # The statements cost CPU, best spent here; the commit waits for the disk.
                 self.journal.stage(taken.batch)
                 await asyncio.to_thread(self.journal.commit)
-        except JournalError as err:
+        except Exception as err:
+            if not isinstance(err, JournalError):  # a bug of ours: say so, but keep the work
+                log.exception("journal write raised a bug")
             taken.put_back(self._pending)
             self._pending = taken
             self._failed(err)
@@ -213,7 +213,7 @@ class Outbox:
         if claimed and self.on_requeued is not None:
             self.on_requeued(claimed)
 
-    def _failed(self, err: JournalError) -> None:
+    def _failed(self, err: Exception) -> None:
         if self.healthy:
             log.error("journal write failed, keeping %d rows in memory and retrying: %s",
                       len(self._pending), err)  # fmt: skip

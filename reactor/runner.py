@@ -10,6 +10,10 @@ traceback since it is a bug of ours or of a plugin.
 
 A concurrency slot (per type, then global) is held for one attempt, never
 during a backoff, so a VM whose webhook is down does not starve the others.
+
+Every attempt is reported to ``on_outcome`` (``hookspecs.ActionOutcome``): ``ok``,
+``retry`` (another attempt follows) or ``failed`` (the invocation gives up),
+followed by ``dead`` once a journaled invocation is in the dead letters.
 """
 
 from __future__ import annotations
@@ -19,9 +23,8 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Literal
+from typing import Any, cast
 
 from pydantic import BaseModel
 from tenacity import (
@@ -36,37 +39,19 @@ from tenacity.wait import wait_base
 
 from reactor.actions.base import ActionContext, ActionSettings, ActionType, VmControl
 from reactor.errors import PermanentActionError, TransientActionError
+from reactor.hookspecs import ActionOutcome, OutcomeStatus
 from reactor.journal import Invocation
 from reactor.model import RetryPolicy
 from reactor.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
-OutcomeStatus = Literal["ok", "retry", "failed", "dead", "suppressed", "cancelled"]
 Render = Callable[[Invocation, ActionType], Awaitable[BaseModel] | BaseModel]
 Emit = Callable[[str, str, dict[str, Any]], None]
 Sleep = Callable[[float], Awaitable[None]]
 ACTION_FAILED = "REACTOR_ACTION_FAILED"
-
-
-@dataclass(frozen=True, slots=True)
-class ActionOutcome:
-    """What became of one attempt or one invocation, for observers, metrics and logs.
-
-    ``status``: ``ok``; ``retry`` (this attempt failed, another follows); ``dead``
-    (gave up, kept in the dead letters); ``failed`` (gave up, no journal to keep
-    it); ``suppressed`` (``mode: single``); ``cancelled`` (``mode: restart``).
-    """
-
-    invocation_id: str
-    rule: str
-    action: str
-    vm: str
-    event: str
-    status: OutcomeStatus
-    attempt: int
-    error: str | None = None
-    duration: float = 0.0
+# Not (yet) in hookspecs.OutcomeStatus: a run cancelled by ``mode: restart``.
+CANCELLED = cast(OutcomeStatus, "cancelled")
 
 
 class _HonourRetryAfter(wait_base):
@@ -246,7 +231,9 @@ class Runner:
             self.finish(inv, "failed")
         log.warning("action %s of rule %r for vm %r gave up after %d attempts: %s",
                     inv.spec.type, inv.rule, inv.vm, inv.attempts, inv.last_error)  # fmt: skip
-        self.report(inv, "dead" if journaled else "failed", duration)
+        self.report(inv, "failed", duration)
+        if journaled:
+            self.report(inv, "dead", duration)
         if self.emit is not None and inv.event != ACTION_FAILED:
             data = {"rule": inv.rule, "action": inv.spec.type, "error": inv.last_error,
                     "attempts": inv.attempts}  # fmt: skip

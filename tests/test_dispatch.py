@@ -199,7 +199,7 @@ def test_out_of_retries_goes_to_the_dead_letters_redacted(tmp_path: Path) -> Non
     rig = run(tmp_path, submit_all(firing(r, vm="web")))
     assert len(rig.lab.calls) == 3
     assert rig.delays == [0.5, 0.75]  # capped by max
-    assert rig.outcomes[-1].status == "dead"
+    assert [o.status for o in rig.outcomes] == ["retry", "retry", "failed", "dead"]
     assert rig.dispatcher.dead_letters == 1
     assert rig.emitted == [
         (
@@ -232,8 +232,10 @@ def test_retry_after_wins_when_longer(tmp_path: Path) -> None:
 def test_permanent_errors_are_not_retried(tmp_path: Path) -> None:
     rig = run(tmp_path, submit_all(firing(rule("r", ("perm", {})))))
     assert len(rig.lab.calls) == 1
-    assert [o.status for o in rig.outcomes] == ["dead"]
-    assert rig.outcomes[0].error == "404 not found"
+    assert [(o.status, o.error) for o in rig.outcomes] == [
+        ("failed", "404 not found"),
+        ("dead", "404 not found"),
+    ]
     assert rig.delays == []
 
 
@@ -254,7 +256,7 @@ def test_a_timed_out_attempt_is_retried(tmp_path: Path) -> None:
     r = rule("r", ("sleepy", {"seconds": 30}), retry=retry, timeout=0.05)
     rig = run(tmp_path, submit_all(firing(r)))
     assert [c.attempt for c in rig.lab.calls] == [1, 2]
-    assert [o.status for o in rig.outcomes] == ["retry", "dead"]
+    assert [o.status for o in rig.outcomes] == ["retry", "failed", "dead"]
     assert rig.outcomes[-1].error == "timed out after 0.05 s"
 
 
@@ -264,7 +266,10 @@ def test_render_errors_and_async_render(tmp_path: Path) -> None:
 
     rig = run(tmp_path, submit_all(firing(rule())), render=bad_render)
     assert rig.lab.calls == []
-    assert [(o.status, o.error) for o in rig.outcomes] == [("dead", "unknown secret 'token'")]
+    assert [(o.status, o.error) for o in rig.outcomes] == [
+        ("failed", "unknown secret 'token'"),
+        ("dead", "unknown secret 'token'"),
+    ]
 
     async def good_render(inv: Invocation, atype: ActionType) -> BaseModel:
         return Params(tag="rendered")
@@ -275,7 +280,10 @@ def test_render_errors_and_async_render(tmp_path: Path) -> None:
 
 def test_unknown_action_type_is_dead_lettered(tmp_path: Path) -> None:
     rig = run(tmp_path, submit_all(firing(rule("r", ("nosuch", {})))))
-    assert [(o.status, o.error) for o in rig.outcomes] == [("dead", "unknown action type 'nosuch'")]
+    assert [(o.status, o.error) for o in rig.outcomes][-1] == (
+        "dead",
+        "unknown action type 'nosuch'",
+    )
 
 
 def test_without_journal_a_final_failure_is_failed(tmp_path: Path) -> None:
@@ -364,6 +372,7 @@ def test_a_firings_actions_run_in_order_and_a_dead_one_does_not_stop_the_next(
     ]
     assert [(o.action, o.status) for o in rig.outcomes] == [
         ("sleepy", "ok"),
+        ("perm", "failed"),
         ("perm", "dead"),
         ("sleepy", "ok"),
     ]
