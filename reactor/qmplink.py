@@ -1,0 +1,150 @@
+"""One QMP session on qemu.qmp, with events taken off the wire at once.
+
+``QmpLink`` is qemu.qmp's ``QMPClient`` with its event path replaced: the
+library hands every event to ``EventListener`` objects whose ``history`` lists
+and queues grow without bound unless drained, which a sidecar running for
+months cannot afford. Here an event never becomes a library ``Message``: the
+reader parses the line, stamps the time it was read, and calls ``sink`` right
+away (or holds it, in a bounded deque, until the session is announced). Command
+replies still take the library's normal route, so ``execute`` works unchanged.
+
+The read buffer is bounded by ``max_message``: a longer line ends the session
+(``ValueError`` from the stream reader) instead of being buffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from qemu.qmp import QMPClient, Runstate
+from qemu.qmp.error import ProtocolError
+from qemu.qmp.message import Message
+
+RawEvent = dict[str, Any]
+EventSink = Callable[[RawEvent, float], None]
+
+MAX_MESSAGE = 1 << 20
+"""Default longest QMP line accepted (bytes); QEMU's own events are far shorter."""
+
+HOLD_MAX = 10_000
+"""Events kept while a session is being announced; older ones are dropped past this."""
+
+# qemu.qmp logs every failed attempt and every ended session at ERROR; our own
+# logger says the same once per state change, so the library's copy stays quiet
+# unless an operator turns it up to trace the wire.
+WIRE_LOG = logging.getLogger("reactor.qmp.wire")
+WIRE_LOG.setLevel(logging.CRITICAL)
+
+
+class WireError(ProtocolError):
+    """The peer sent a line that is not a JSON object, or one too long to buffer."""
+
+
+def describe(err: BaseException, limit: int = 200) -> str:
+    """A short, single-line reason for an ended session or a failed attempt."""
+    if isinstance(err, EOFError):
+        return "end of file (the peer closed the connection)"
+    if isinstance(err, ConnectionResetError):
+        return "connection reset by peer"
+    if isinstance(err, TimeoutError):
+        return "timed out"
+    cause = getattr(err, "exc", None)
+    if isinstance(cause, BaseException) and cause is not err:
+        return describe(cause, limit)
+    text = " ".join(str(err).split()) or type(err).__name__
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"{type(err).__name__}: {text}"
+
+
+class QmpLink(QMPClient):
+    """A QMP client whose events go straight to ``sink`` (or a bounded hold)."""
+
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+        super().__init__(None, max_message)
+        self.logger = WIRE_LOG
+        self.sink: EventSink | None = None
+        self.held: deque[tuple[RawEvent, float]] = deque(maxlen=HOLD_MAX)
+        self.dropped = 0
+
+    def release(self, sink: EventSink) -> None:
+        """Deliver the held events to ``sink``, then send every new event there."""
+        held, self.held = self.held, deque(maxlen=HOLD_MAX)
+        for obj, received in held:
+            sink(obj, received)
+        self.sink = sink
+
+    @property
+    def running(self) -> bool:
+        """True while the session is established and not yet going down."""
+        return bool(self.runstate == Runstate.RUNNING)
+
+    async def closed(self) -> str:
+        """Wait until the session ends; tear it down and return why it ended."""
+        while self.runstate == Runstate.RUNNING:
+            await self.runstate_changed()
+        return await self.shut()
+
+    async def shut(self, timeout: float = 2.0) -> str:
+        """Disconnect (bounded by ``timeout``) and return the reason the session ended."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.disconnect()
+        except TimeoutError:
+            return "timed out closing the connection"
+        except Exception as err:
+            return describe(err)
+        return "closed"
+
+    def _hold(self, obj: RawEvent, received: float) -> None:
+        if len(self.held) == self.held.maxlen:
+            self.dropped += 1
+        self.held.append((obj, received))
+
+    async def _do_recv(self) -> Message:
+        while True:
+            try:
+                raw = await self._readline()
+            except ValueError as err:  # the stream reader's limit: it dropped the buffer
+                raise WireError(f"message longer than {self.readbuflen} bytes") from err
+            received = time.time()
+            try:
+                obj = json.loads(raw)
+            except ValueError as err:
+                if not raw.strip():
+                    continue
+                raise WireError(f"not JSON ({len(raw)} bytes): {raw[:80]!r}") from err
+            if type(obj) is not dict:
+                raise WireError(f"not a JSON object: {type(obj).__name__}")
+            if "event" not in obj:
+                return Message(obj, eager=False)
+            sink = self.sink
+            if sink is None:
+                self._hold(obj, received)
+            else:
+                sink(obj, received)
+
+    def _cb_inbound(self, msg: Message) -> Message:
+        # The library formats every message with str() for a debug line even
+        # when debug logging is off; only replies pass here, but still skip it.
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("<-- %s", msg)
+        return msg
+
+    def _cb_outbound(self, msg: Message) -> Message:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug("--> %s", msg)
+        return msg
+
+
+async def discard(link: QmpLink) -> None:
+    """Tear a link down whatever state it is in, swallowing its final error."""
+    with contextlib.suppress(Exception):
+        await link.shut()
