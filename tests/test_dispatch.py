@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ class Lab:
     log: list[tuple[str, str]] = field(default_factory=list)
     running: int = 0
     max_running: int = 0
+    by_rule: Counter[str] = field(default_factory=Counter)
+    max_by_rule: Counter[str] = field(default_factory=Counter)
     journal_path: Path | None = None
     seen_rows: list[tuple[str, int] | None] = field(default_factory=list)
 
@@ -50,6 +53,7 @@ class Lab:
                 ("sleepy", self.sleepy),
                 ("sleepy2", self.sleepy),
                 ("peek", self.peek),
+                ("emitter", self.emitter),
             )
         }
 
@@ -70,12 +74,20 @@ class Lab:
         self.calls.append(ctx)
         self.log.append(("start", p.tag))
         self.running += 1
+        self.by_rule[ctx.rule] += 1
         self.max_running = max(self.max_running, self.running)
+        self.max_by_rule[ctx.rule] = max(self.max_by_rule[ctx.rule], self.by_rule[ctx.rule])
         try:
             await asyncio.sleep(p.seconds)
         finally:
             self.running -= 1
+            self.by_rule[ctx.rule] -= 1
             self.log.append(("end", p.tag))
+
+    async def emitter(self, p: Params, ctx: ActionContext) -> None:
+        self.calls.append(ctx)
+        assert ctx.emit is not None
+        ctx.emit("REACTOR_RESTART_SUPPRESSED", {"rule": ctx.rule, "vm": ctx.vm})
 
     async def peek(self, p: Params, ctx: ActionContext) -> None:
         # A second connection, as another process would see the file.
@@ -399,11 +411,10 @@ def test_per_type_limit_leaves_other_types_free(tmp_path: Path) -> None:
             observed.append(rig.dispatcher.in_flight)
             await asyncio.sleep(0.001)
 
-    rig = run(tmp_path, body, lab=lab, per_type_limits={"sleepy": 2})
-    sleepy_running = [c for c in lab.calls if c.rule == "s"]
-    assert len(sleepy_running) == 6
-    assert max(observed) == 6  # 2 of "sleepy" plus 4 of "sleepy2"
-    assert rig.lab.max_running == 6
+    run(tmp_path, body, lab=lab, per_type_limits={"sleepy": 2})
+    assert len(lab.calls) == 10
+    assert lab.max_by_rule == {"s": 2, "f": 4}
+    assert max(observed) == 6
 
 
 def test_the_row_is_committed_before_the_action_runs(tmp_path: Path) -> None:
@@ -489,3 +500,12 @@ def test_observer_bugs_do_not_stop_actions(tmp_path: Path) -> None:
 
     asyncio.run(main())
     assert len(lab.calls) == 1
+
+
+def test_actions_get_their_vm_and_can_raise_events(tmp_path: Path) -> None:
+    vms = {"web1": "the web1 connection"}
+    rig = run(tmp_path, submit_all(firing(rule("r", ("emitter", {})), vm="web1")),
+              vm_lookup=vms.get)  # fmt: skip
+    assert rig.emitted == [
+        ("web1", "REACTOR_RESTART_SUPPRESSED", {"rule": "r", "vm": "the web1 connection"})
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
 import subprocess
@@ -208,12 +209,14 @@ def big_firing(seq: int) -> Firing:
     return Firing(rule, {"event": "X", "vm": "vm1", "seq": seq, "data": {"blob": "x" * 2000}}, 0.0)
 
 
-def test_a_full_journal_keeps_the_work_in_memory_and_recovers(tmp_path: Path) -> None:
+def test_a_full_journal_keeps_the_work_in_memory_and_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "journal.sqlite3"
     calls: list[ActionContext] = []
 
     async def main() -> None:
-        journal = Journal(path, max_bytes=path.stat().st_size if path.exists() else 32 * 1024)
+        journal = Journal(path, max_bytes=32 * 1024)  # the empty journal and a row or two
         d = dispatcher(journal, calls)
         await d.start()
         for seq in range(100):
@@ -229,8 +232,13 @@ def test_a_full_journal_keeps_the_work_in_memory_and_recovers(tmp_path: Path) ->
         await d.shutdown(0)
         journal.close()
 
-    asyncio.run(main())
+    with caplog.at_level(logging.WARNING, logger="reactor.outbox"):
+        asyncio.run(main())
     assert sorted(c.envelope["seq"] for c in calls) == list(range(100))
+    failed, recovered = (r.getMessage() for r in caplog.records)
+    assert "journal write failed, keeping 100 rows in memory" in failed
+    assert "database or disk is full" in failed
+    assert recovered == f"journal writable again: {path}"
 
 
 def dlq(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
