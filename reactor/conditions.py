@@ -16,13 +16,37 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from reactor.model import CompiledPath, Envelope
+from reactor.paths import plain_steps
 
 Test = Callable[[Any], bool]
 Predicate = Callable[[Envelope], bool]
 Explain = Callable[[Envelope], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """``{path, op: value}`` compiled: its closure predicate and its text for explain."""
+
+    path: CompiledPath
+    op: str
+    value: Any
+    pred: Predicate
+
+
+@dataclass(frozen=True, slots=True)
+class Combo:
+    """``all`` / ``any`` of parts, or ``not`` of one part."""
+
+    kind: str
+    parts: tuple[Cond, ...]
+
+
+Cond = Leaf | Combo
+
 
 OPERATORS = (
     "equals",
@@ -116,16 +140,113 @@ def value_test(op: str, value: Any) -> Test:
     raise ValueError(f"unknown operator {op}")
 
 
-def leaf(path: CompiledPath, op: str, value: Any) -> tuple[Predicate, Explain]:
-    """Compile one ``{path, op: value}`` condition."""
+_MISSING = object()
+NUMBER_TYPES = (int, float)
+
+
+def _inline_test(op: str, value: Any, x: str, ns: dict[str, Any], n: int) -> str | None:
+    """Python source testing the single value in variable ``x``, or None if not inlinable.
+
+    ``x`` holds ``MISSING`` when the path selected nothing. Names the source needs
+    are put into ``ns`` with the suffix ``n`` so several tests share a namespace.
+    """
+    t = type(value)
+    if op == "exists":
+        return f"({x} is not MISSING)" if value else f"({x} is MISSING)"
+    if op in ("equals", "not_equals") and t is str:
+        ns[f"V{n}"] = value
+        # a str literal equals only a str; MISSING differs from everything
+        return f"({x} == V{n})" if op == "equals" else f"({x} is not MISSING and {x} != V{n})"
+    if op == "equals" and (t is bool or value is None):
+        ns[f"V{n}"] = value
+        return f"({x} is V{n})"
+    if op == "equals" and t in NUMBER_TYPES:
+        ns[f"V{n}"] = value
+        return f"(type({x}) in NUMBER_TYPES and {x} == V{n})"
+    if op in ("in", "not_in") and value and all(type(v) is str for v in value):
+        ns[f"S{n}"] = frozenset(value)
+        inside = f"(type({x}) is str and {x} in S{n})"
+        return inside if op == "in" else f"({x} is not MISSING and not {inside})"
+    if op == "contains" and t is str:
+        ns[f"V{n}"] = value
+        ns[f"C{n}"] = _contains_test(value)
+        return f"((V{n} in {x}) if type({x}) is str else (type({x}) is list and C{n}({x})))"
+    if op == "matches":
+        ns[f"R{n}"] = re.compile(value).search
+        return f"(type({x}) is str and R{n}({x}) is not None)"
+    if op in ("lt", "le", "gt", "ge"):
+        sym = {"lt": "<", "le": "<=", "gt": ">", "ge": ">="}[op]
+        ns[f"V{n}"] = value
+        if t in NUMBER_TYPES:
+            return f"(type({x}) in NUMBER_TYPES and {x} {sym} V{n})"
+        if t is str:
+            return f"(type({x}) is str and {x} {sym} V{n})"
+        return "False"
+    return None
+
+
+class SourceBuilder:
+    """Turns conditions into Python expressions over shared, once-read path values.
+
+    Plain paths (``$.data.id``) become local variables read once per event at the
+    top of the generated function; everything else calls the leaf's predicate.
+    """
+
+    def __init__(self) -> None:
+        self.ns: dict[str, Any] = {"MISSING": _MISSING, "NUMBER_TYPES": NUMBER_TYPES}
+        self.reads: dict[tuple[str, ...], str] = {}
+        self._n = 0
+
+    def _var(self, steps: tuple[str, ...]) -> str:
+        if steps not in self.reads:
+            if len(steps) > 1:
+                self._var(steps[:-1])
+            self.reads[steps] = f"p{len(self.reads)}"
+        return self.reads[steps]
+
+    def prologue(self) -> list[str]:
+        """Lines reading every plain path used, parents first."""
+        lines = []
+        for steps, var in self.reads.items():
+            parent = "env" if len(steps) == 1 else self.reads[steps[:-1]]
+            self._n += 1
+            key = f"K{self._n}"
+            self.ns[key] = steps[-1]
+            lines.append(
+                f"    {var} = {parent}.get({key}, MISSING) if type({parent}) is dict else MISSING"
+            )
+        return lines
+
+    def expr(self, cond: Cond) -> str:
+        """A Python expression that is true when ``cond`` holds for ``env``."""
+        self._n += 1
+        n = self._n
+        if isinstance(cond, Combo):
+            parts = [self.expr(p) for p in cond.parts]
+            if cond.kind == "not":
+                return f"(not {parts[0]})"
+            if not parts:
+                return "True" if cond.kind == "all" else "False"
+            return "(" + (" and " if cond.kind == "all" else " or ").join(parts) + ")"
+        steps = plain_steps(cond.path.text)
+        if steps:
+            test = _inline_test(cond.op, cond.value, self._var(steps), self.ns, n)
+            if test is not None:
+                return test
+        self.ns[f"P{n}"] = cond.pred
+        return f"P{n}(env)"
+
+
+def make_leaf(path: CompiledPath, op: str, value: Any) -> Leaf:
+    """Compile one ``{path, op: value}`` condition (``value`` already validated)."""
     find = path.find
+    pred: Predicate
     if op == "exists":
         want = bool(value)
 
-        def exists(env: Envelope) -> bool:
+        def pred(env: Envelope) -> bool:
             return bool(find(env)) is want
 
-        pred: Predicate = exists
     else:
         test = value_test(op, value)
 
@@ -135,67 +256,40 @@ def leaf(path: CompiledPath, op: str, value: Any) -> tuple[Predicate, Explain]:
                     return True
             return False
 
-    shown = f"{path.text} {op} {json.dumps(value, default=str)}"
+    general = Leaf(path, op, value, pred)
+    if plain_steps(path.text):
+        return Leaf(path, op, value, compile_predicate(general))
+    return general
 
-    def explain(env: Envelope) -> str | None:
-        if pred(env):
+
+def _never(env: Envelope) -> bool:
+    return False
+
+
+def compile_predicate(cond: Cond) -> Predicate:
+    """One generated function for ``cond``: plain paths read once, tests inlined."""
+    b = SourceBuilder()
+    body = b.expr(cond)
+    src = "\n".join(["def pred(env):", *b.prologue(), f"    return {body}", ""])
+    exec(compile(src, "<condition>", "exec"), b.ns)  # our own generated source only
+    fn: Predicate = b.ns["pred"]
+    return fn
+
+
+def explain(cond: Cond, env: Envelope) -> str | None:
+    """Why ``cond`` is false for ``env`` (the first failing part), or None if it holds."""
+    if isinstance(cond, Leaf):
+        if cond.pred(env):
             return None
-        got = find(env)
-        seen = json.dumps(got, default=str) if got else "nothing"
-        return f"{shown} is false (selected {seen[:200]})"
-
-    return pred, explain
-
-
-def all_of(parts: list[tuple[Predicate, Explain]]) -> tuple[Predicate, Explain]:
-    """All parts hold (an empty list holds)."""
-    preds = tuple(p for p, _ in parts)
-    if len(preds) == 1:
-        return parts[0]
-
-    def pred(env: Envelope) -> bool:
-        for p in preds:
-            if not p(env):
-                return False
-        return True
-
-    def explain(env: Envelope) -> str | None:
-        for _, e in parts:
-            why = e(env)
-            if why is not None:
-                return why
-        return None
-
-    return pred, explain
-
-
-def any_of(parts: list[tuple[Predicate, Explain]]) -> tuple[Predicate, Explain]:
-    """At least one part holds (an empty list does not)."""
-    preds = tuple(p for p, _ in parts)
-
-    def pred(env: Envelope) -> bool:
-        for p in preds:
-            if p(env):
-                return True
-        return False
-
-    def explain(env: Envelope) -> str | None:
-        if pred(env):
+        got = cond.path.find(env)
+        seen = json.dumps(got, default=str)[:200] if got else "nothing"
+        shown = json.dumps(cond.value, default=str)
+        return f"{cond.path.text} {cond.op} {shown} is false (selected {seen})"
+    results = [explain(p, env) for p in cond.parts]
+    if cond.kind == "all":
+        return next((r for r in results if r is not None), None)
+    if cond.kind == "any":
+        if any(r is None for r in results):
             return None
-        reasons = [e(env) or "" for _, e in parts]
-        return "none of any: " + "; ".join(reasons)
-
-    return pred, explain
-
-
-def not_(part: tuple[Predicate, Explain]) -> tuple[Predicate, Explain]:
-    """The part does not hold."""
-    inner, _ = part
-
-    def pred(env: Envelope) -> bool:
-        return not inner(env)
-
-    def explain(env: Envelope) -> str | None:
-        return None if pred(env) else "a 'not' condition's inner condition holds"
-
-    return pred, explain
+        return "none of any: " + "; ".join(r or "" for r in results)
+    return "a 'not' condition's inner condition holds" if results[0] is None else None

@@ -80,11 +80,25 @@ class Engine:
     def _match(self, env: Envelope) -> None:
         if self.observe is not None:
             self.observe(env)
+        if self.explain is not None:
+            self._match_explained(env)
+            return
+        gates = self._gates
+        for rule in self.rules.matcher(env["event"])(env):
+            gate = gates.get(rule.name) if gates else None
+            if gate is None:
+                self.sink(Firing(rule, env, self.clock.now(), {"count": 1}))
+            else:
+                gate.push(env)
+
+    def _match_explained(self, env: Envelope) -> None:
+        """The slow path for ``--explain``: every rule is tested and the reason said."""
         explain = self.explain
+        assert explain is not None
         for rule in self.rules.candidates(env["event"]):
             cond = rule.condition
             if cond is not None and not cond(env):
-                if explain is not None and rule.explain is not None:
+                if rule.explain is not None:
                     explain(env, rule, f"condition failed: {rule.explain(env)}")
                 continue
             gate = self._gates.get(rule.name)
@@ -92,5 +106,5 @@ class Engine:
                 self._fire(Firing(rule, env, self.clock.now(), {"count": 1}))
                 continue
             why = gate.push(env)
-            if why is not None and explain is not None:
+            if why is not None:
                 explain(env, rule, why)

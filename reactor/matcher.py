@@ -1,15 +1,23 @@
-"""Which rules an event can fire: rules indexed by event name.
+"""Which rules an event fires: rules indexed by event name, conditions compiled.
 
 Exact names are a dict lookup; globs are resolved once per event name seen and
-cached, so the per-event cost does not grow with the number of glob rules.
+cached, so the per-event cost does not grow with the number of glob rules. For
+each event name, the conditions of all its candidate rules are compiled into one
+Python function that reads each plain path once and inlines the tests, so the
+hot path makes no call per rule and no list per path.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from reactor.model import Rule
+from reactor.conditions import SourceBuilder
+from reactor.model import Envelope, Rule
+
+Matcher = Callable[[Envelope], list[Rule]]
 
 _GLOB_CHARS = frozenset("*?[")
 _CACHE_LIMIT = 4096
@@ -21,6 +29,7 @@ class RuleSet:
 
     rules: tuple[Rule, ...] = ()
     _cache: dict[str, tuple[Rule, ...]] = field(default_factory=dict, compare=False, repr=False)
+    _matchers: dict[str, Matcher] = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -40,6 +49,35 @@ class RuleSet:
                 self._cache.clear()
             self._cache[event] = found
         return found
+
+    def matcher(self, event: str) -> Matcher:
+        """A function giving the rules for ``event`` whose conditions hold, in file order."""
+        found = self._matchers.get(event)
+        if found is None:
+            found = compile_matcher(self.candidates(event))
+            if len(self._matchers) >= _CACHE_LIMIT:
+                self._matchers.clear()
+            self._matchers[event] = found
+        return found
+
+
+def compile_matcher(rules: tuple[Rule, ...]) -> Matcher:
+    """One generated function testing every rule's condition; returns those that hold."""
+    if not rules:
+        return lambda env: []
+    b = SourceBuilder()
+    ns: dict[str, Any] = b.ns
+    tests = []
+    for i, rule in enumerate(rules):
+        ns[f"RULE{i}"] = rule
+        if rule.when is None:
+            tests.append(f"    out.append(RULE{i})")
+        else:
+            tests.append(f"    if {b.expr(rule.when)}:\n        out.append(RULE{i})")
+    src = "\n".join(["def match(env):", *b.prologue(), "    out = []", *tests, "    return out"])
+    exec(compile(src + "\n", "<rules>", "exec"), ns)  # our own generated source only
+    fn: Matcher = ns["match"]
+    return fn
 
 
 def _covers(pattern: str, event: str) -> bool:

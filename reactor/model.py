@@ -88,6 +88,8 @@ class Rule:
     description: str = ""
     condition: Predicate | None = None
     explain: Callable[[Envelope], str | None] | None = None
+    when: Any = None
+    """The condition as data (``reactor.conditions.Cond``), for matchers that compile it."""
     throttle: Throttle | None = None
     threshold: Threshold | None = None
     mode: RuleMode = "queued"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -157,8 +158,9 @@ class Compiler:
             actions=tuple(actions),
             location=loc,
             description=description,
-            condition=cond[0] if cond else None,
-            explain=cond[1] if cond else None,
+            condition=C.compile_predicate(cond) if cond is not None else None,
+            explain=partial(C.explain, cond) if cond is not None else None,
+            when=cond,
             throttle=throttle,
             threshold=threshold,
             mode=mode,
@@ -211,11 +213,11 @@ class Compiler:
         return events
 
     # -- conditions ------------------------------------------------------
-    def condition(self, node: Any, loc: Location, ctx: _Ctx) -> tuple[C.Predicate, C.Explain]:
+    def condition(self, node: Any, loc: Location, ctx: _Ctx) -> C.Cond:
         """Compile a condition, a list of them (all of), or a combinator."""
         if isinstance(node, MarkedList):
             parts = [self.condition(v, node.loc(i), ctx) for i, v in enumerate(node)]
-            return C.all_of(parts)
+            return C.Combo("all", tuple(parts))
         if not isinstance(node, MarkedDict):
             self.error(loc, "a condition is a mapping like {path: $.data.id, equals: x}")
             return _never()
@@ -224,9 +226,7 @@ class Compiler:
             return self._combinator(node, combos, ctx)
         return self._leaf(node, ctx)
 
-    def _combinator(
-        self, node: MarkedDict, combos: list[Any], ctx: _Ctx
-    ) -> tuple[C.Predicate, C.Explain]:
+    def _combinator(self, node: MarkedDict, combos: list[Any], ctx: _Ctx) -> C.Cond:
         if len(node) > 1:
             extra = next(k for k in node if k != combos[0])
             self.error(
@@ -237,14 +237,14 @@ class Compiler:
         kind = combos[0]
         inner = node[kind]
         if kind == "not":
-            return C.not_(self.condition(inner, node.loc(kind), ctx))
+            return C.Combo("not", (self.condition(inner, node.loc(kind), ctx),))
         if not isinstance(inner, MarkedList):
             self.error(node.loc(kind), f"'{kind}' takes a list of conditions")
             return _never()
         parts = [self.condition(v, inner.loc(i), ctx) for i, v in enumerate(inner)]
-        return C.all_of(parts) if kind == "all" else C.any_of(parts)
+        return C.Combo(kind, tuple(parts))
 
-    def _leaf(self, node: MarkedDict, ctx: _Ctx) -> tuple[C.Predicate, C.Explain]:
+    def _leaf(self, node: MarkedDict, ctx: _Ctx) -> C.Cond:
         ops = [k for k in node if k in C.OPERATORS]
         for key in node:
             if key != "path" and key not in C.OPERATORS:
@@ -268,7 +268,7 @@ class Compiler:
         op = ops[0]
         if path is None or not self._operand_ok(op, node[op], node.loc(op)):
             return _never()
-        return C.leaf(path, op, plain(node[op]))
+        return C.make_leaf(path, op, plain(node[op]))
 
     def _operand_ok(self, op: str, value: Any, loc: Location) -> bool:
         import re
@@ -485,8 +485,8 @@ class Compiler:
         return Threshold(count=count, window=self._window(node), key=self._keys(node, ctx))
 
 
-def _never() -> tuple[C.Predicate, C.Explain]:
-    return (lambda env: False), (lambda env: "invalid condition")
+def _never() -> C.Cond:
+    return C.Combo("any", ())
 
 
 def rule_files(paths: Sequence[Path]) -> list[Path]:

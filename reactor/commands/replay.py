@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -15,8 +14,8 @@ from reactor.commands._common import (
     rule_paths,
 )
 from reactor.errors import RuleError
-from reactor.model import Envelope, Firing, Rule
-from reactor.replay import firing_lines, open_inputs, replay
+from reactor.model import Envelope, Rule
+from reactor.replay import DryRunWriter, open_inputs, replay
 from reactor.rules import load_rules
 
 
@@ -68,14 +67,10 @@ def run(args: argparse.Namespace) -> int:
 
         return execute_replay(args, ruleset, plugins, settings)
 
-    def print_firing(firing: Firing) -> None:
-        for line in firing_lines(firing):
-            sys.stdout.write(json.dumps(line) + "\n")
-
     result = replay(
         open_inputs(args.events),
         ruleset,
-        sink=print_firing,
+        sink=DryRunWriter(sys.stdout),
         qemu_stage=not args.no_qemu_stage,
         explain=_explainer if args.explain else None,
         observe=_explain_event if args.explain else None,
