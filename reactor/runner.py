@@ -121,7 +121,7 @@ class Runner:
             return
         started = time.monotonic()
         try:
-            await self._attempts(inv, atype, left)
+            await self._attempts(inv, atype, left, started)
         except (TransientActionError, PermanentActionError) as err:
             self.give_up(inv, str(err), time.monotonic() - started)
         except Exception as err:
@@ -132,7 +132,9 @@ class Runner:
             self.finish(inv, "done")
             self.report(inv, "ok", time.monotonic() - started)
 
-    async def _attempts(self, inv: Invocation, atype: ActionType, left: int) -> None:
+    async def _attempts(
+        self, inv: Invocation, atype: ActionType, left: int, started: float
+    ) -> None:
         """Up to ``left`` attempts with backoff; the last error is raised."""
         done_before = inv.attempts
         try:
@@ -152,7 +154,7 @@ class Runner:
             wait=backoff(inv.spec.retry, done_before),
             retry=retry_if_exception_type(TransientActionError),
             sleep=self.sleep,
-            before_sleep=partial(self._will_retry, inv),
+            before_sleep=partial(self._will_retry, inv, started),
             reraise=True,
         )
         await retrying(attempt)
@@ -204,7 +206,7 @@ class Runner:
             emit=None if emit is None else (lambda name, data: emit(inv.vm, name, data)),
         )
 
-    def _will_retry(self, inv: Invocation, state: RetryCallState) -> None:
+    def _will_retry(self, inv: Invocation, started: float, state: RetryCallState) -> None:
         err = state.outcome.exception() if state.outcome is not None else None
         inv.last_error = self.redact(str(err))
         inv.status = "pending"
@@ -212,7 +214,7 @@ class Runner:
         delay = state.upcoming_sleep
         log.info("action %s of rule %r failed (attempt %d), retrying in %.2f s: %s",
                  inv.spec.type, inv.rule, inv.attempts, delay, inv.last_error)  # fmt: skip
-        self.report(inv, "retry", state.seconds_since_start or 0.0)
+        self.report(inv, "retry", time.monotonic() - started)
 
     def finish(self, inv: Invocation, status: str) -> None:
         """Mark ``inv`` finished (``done``, ``skipped``, ``cancelled``) in the journal."""
@@ -240,7 +242,10 @@ class Runner:
             self._safely(self.emit, inv.vm, ACTION_FAILED, data)
 
     def report(self, inv: Invocation, status: OutcomeStatus, duration: float = 0.0) -> None:
-        """Tell the observer what became of ``inv``; an observer's bug is logged, not raised."""
+        """Tell the observer what became of ``inv``; an observer's bug is logged, not raised.
+
+        ``duration``: seconds since the invocation's first attempt in this process began.
+        """
         if self.on_outcome is None:
             return
         error = inv.last_error if status in ("retry", "dead", "failed") else None
