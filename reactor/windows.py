@@ -1,0 +1,472 @@
+"""Rate limits in time: QEMU's event throttle, rule thresholds and rule throttles.
+
+This is the room between rule matching and dispatch where time matters. It is
+pure and clock-driven: the only time source is a ``Clock`` (``VirtualClock`` in
+replay, ``AsyncioClock`` live), and every window is a clock timer, so a state
+lives exactly as long as its window and nothing is left once all windows ended.
+
+- ``QemuStage``: QEMU's own per-VM rate limit (monitor/monitor.c) for the event
+  types QEMU throttles, keyed as QEMU keys them (the catalog's throttle keys).
+- ``RuleGate``: one rule's threshold, then its throttle (``once_within``,
+  ``once_after`` or ``qemu``), turning matched events into ``Firing`` objects.
+- ``unreachable_threshold``: a ``check`` warning for a threshold that QEMU's
+  rate limit makes impossible to reach.
+
+Windows are half-open: a window opened at ``t`` covers ``[t, t + window)``. A
+clock runs the timers due at a moment before an event pushed at that moment,
+so an event at exactly ``t + window`` belongs to whatever follows the window.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from functools import partial
+from typing import Any, Generic, TypeVar
+
+from reactor.catalog import Catalog, load_catalog
+from reactor.clock import Clock, TimerHandle
+from reactor.model import CompiledPath, Envelope, Firing, Rule, Throttle
+
+QEMU_RATE = 1.0
+"""Seconds between two events of one QEMU throttle key (monitor.c: 1e9 ns, every type)."""
+
+_Out = Callable[[Envelope, int], None]
+_KeyFunc = Callable[[Envelope], Hashable]
+
+
+def _secs(window: float) -> str:
+    return f"{window:g}s"
+
+
+def _freeze(values: list[Any]) -> Hashable:
+    """The values a key path found, as a dict key; unhashable values by canonical JSON."""
+    key = tuple(values)
+    try:
+        hash(key)
+    except TypeError:
+        return json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
+    return key
+
+
+def _keyfunc(paths: Sequence[CompiledPath]) -> _KeyFunc:
+    """One function per rule computing its key; specialised so one path costs one call."""
+    if not paths:
+        return lambda env: ()
+    if len(paths) == 1:
+        find = paths[0].find
+        return lambda env: _freeze(find(env))
+    finds = tuple(p.find for p in paths)
+    return lambda env: tuple([_freeze(f(env)) for f in finds])
+
+
+class _Slot:
+    """One key's open window: the VM it belongs to and the timer that ends it."""
+
+    __slots__ = ("timer", "vm")
+
+    def __init__(self, vm: str) -> None:
+        self.vm = vm
+        self.timer: TimerHandle | None = None
+
+
+class _Held(_Slot):
+    """A window that may hold an event, with the number of events folded into it."""
+
+    __slots__ = ("count", "env")
+
+    def __init__(self, vm: str, env: Envelope | None, count: int) -> None:
+        super().__init__(vm)
+        self.env = env
+        self.count = count
+
+
+class _Tally(_Slot):
+    """A threshold key's arrival times, oldest first, all younger than the window."""
+
+    __slots__ = ("times",)
+
+    def __init__(self, vm: str) -> None:
+        super().__init__(vm)
+        self.times: deque[float] = deque()
+
+
+S = TypeVar("S", bound=_Slot)
+
+
+class _Windows(Generic[S]):
+    """Keyed windows of one length on one clock; ``_end(key)`` runs when a window ends.
+
+    A state belongs to the VM of the latest event that reached it (keys that span
+    VMs are shared; ``drop_vm`` forgets those whose latest event came from the VM).
+    """
+
+    __slots__ = ("_clock", "_slots", "window")
+
+    def __init__(self, clock: Clock, window: float) -> None:
+        self._clock = clock
+        self.window = window
+        self._slots: dict[Hashable, S] = {}
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def drop_vm(self, vm: str) -> None:
+        # A scan, not a per-VM index: dropping a VM is rare, pushing is the hot path.
+        slots = self._slots
+        for key in [k for k, s in slots.items() if s.vm == vm]:
+            timer = slots.pop(key).timer
+            if timer is not None:
+                timer.cancel()
+
+    def _arm(self, key: Hashable, slot: S, when: float) -> None:
+        slot.timer = self._clock.call_at(when, partial(self._end, key))
+
+    def _open(self, key: Hashable, slot: S) -> None:
+        self._slots[key] = slot
+        self._arm(key, slot, self._clock.now() + self.window)
+
+    def _end(self, key: Hashable) -> None:
+        raise NotImplementedError
+
+
+class _QemuWindows(_Windows[_Held]):
+    """QEMU's algorithm: first event out at once, then the last of each window at its end."""
+
+    __slots__ = ("_out", "_reason", "holds", "replaced")
+
+    def __init__(self, clock: Clock, window: float, out: _Out) -> None:
+        super().__init__(clock, window)
+        self._out = out
+        self._reason = f"held (qemu {_secs(window)})"
+        self.holds = 0
+        self.replaced = 0
+
+    def offer(self, key: Hashable, env: Envelope) -> str | None:
+        """None if ``env`` went out now; else why it is held (it may yet be replaced)."""
+        slot = self._slots.get(key)
+        if slot is None:
+            self._open(key, _Held(env["vm"], None, 0))
+            self._out(env, 1)
+            return None
+        self.holds += 1
+        if slot.env is not None:
+            self.replaced += 1
+        slot.env = env
+        slot.vm = env["vm"]
+        slot.count += 1
+        return self._reason
+
+    def _end(self, key: Hashable) -> None:
+        slot = self._slots[key]
+        env = slot.env
+        if env is None:
+            del self._slots[key]
+            return
+        count = slot.count
+        slot.env = None
+        slot.count = 0
+        # State is settled before emitting, so a callback that pushes again sees it.
+        self._arm(key, slot, self._clock.now() + self.window)
+        self._out(env, count)
+
+
+class _OnceWithin(_Windows[_Slot]):
+    """First event fires at once; the rest of its window is dropped."""
+
+    __slots__ = ("_out", "_reason")
+
+    def __init__(self, clock: Clock, window: float, out: _Out) -> None:
+        super().__init__(clock, window)
+        self._out = out
+        self._reason = f"throttled (once_within {_secs(window)})"
+
+    def offer(self, key: Hashable, env: Envelope) -> str | None:
+        """None if ``env`` fired now; else why it was dropped."""
+        slot = self._slots.get(key)
+        if slot is not None:
+            slot.vm = env["vm"]
+            return self._reason
+        self._open(key, _Slot(env["vm"]))
+        self._out(env, 1)
+        return None
+
+    def _end(self, key: Hashable) -> None:
+        del self._slots[key]
+
+
+class _OnceAfter(_Windows[_Held]):
+    """First event opens the window; at its end the last event fires, counting them all."""
+
+    __slots__ = ("_out", "_prefix")
+
+    def __init__(self, clock: Clock, window: float, out: _Out) -> None:
+        super().__init__(clock, window)
+        self._out = out
+        self._prefix = f"held (once_after {_secs(window)}, "
+
+    def offer(self, key: Hashable, env: Envelope) -> str | None:
+        """Why ``env`` is held: it never fires at once."""
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = _Held(env["vm"], env, 1)
+            self._open(key, slot)
+        else:
+            slot.env = env
+            slot.vm = env["vm"]
+            slot.count += 1
+        n = slot.count
+        return f"{self._prefix}{n} event{'' if n == 1 else 's'})"
+
+    def _end(self, key: Hashable) -> None:
+        slot = self._slots.pop(key)
+        if slot.env is not None:
+            self._out(slot.env, slot.count)
+
+
+class _Threshold(_Windows[_Tally]):
+    """Sliding-window counts per key; a key's state lives until its last event ages out."""
+
+    __slots__ = ("count",)
+
+    def __init__(self, clock: Clock, window: float, count: int) -> None:
+        super().__init__(clock, window)
+        self.count = count
+
+    def offer(self, key: Hashable, env: Envelope) -> str | None:
+        """None if ``env`` made ``count`` within the window (counting restarts); else why not."""
+        now = self._clock.now()
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = _Tally(env["vm"])
+            self._open(key, slot)
+        else:
+            slot.vm = env["vm"]
+            self._age(slot.times, now)
+        times = slot.times
+        times.append(now)
+        n = len(times)
+        if n >= self.count:
+            # The slot stays until its timer so that resetting costs no cancel.
+            times.clear()
+            return None
+        return f"below threshold ({n}/{self.count} in {_secs(self.window)})"
+
+    def _age(self, times: deque[float], now: float) -> None:
+        # ``t + window <= now`` is the very sum the timer was set to, so a timer
+        # firing at its time always ages out its event, whatever float rounding does.
+        window = self.window
+        while times and times[0] + window <= now:
+            times.popleft()
+
+    def _end(self, key: Hashable) -> None:
+        slot = self._slots[key]
+        times = slot.times
+        self._age(times, self._clock.now())
+        if times:
+            self._arm(key, slot, times[-1] + self.window)
+        else:
+            del self._slots[key]
+
+
+_Throttler = _QemuWindows | _OnceWithin | _OnceAfter
+
+
+def _throttler(throttle: Throttle, clock: Clock, out: _Out) -> _Throttler:
+    if throttle.mode == "once_within":
+        return _OnceWithin(clock, throttle.window, out)
+    if throttle.mode == "once_after":
+        return _OnceAfter(clock, throttle.window, out)
+    return _QemuWindows(clock, throttle.window, out)
+
+
+class QemuStage:
+    """QEMU's rate limit (monitor/monitor.c), per VM, for the event types QEMU throttles.
+
+    The first event of a key goes to ``emit`` at once and opens a window; later
+    events in the window replace the held one; at the window's end the held event
+    (its envelope untouched) goes out and a new window opens, or the state is
+    forgotten. A key is (vm, event type, ``data[field]`` or None), the field per
+    type from ``keys`` (default: the catalog's throttle keys).
+    """
+
+    __slots__ = ("_emit", "_fields", "_windows")
+
+    def __init__(
+        self,
+        clock: Clock,
+        emit: Callable[[Envelope], None],
+        *,
+        window: float = QEMU_RATE,
+        keys: Mapping[str, str | None] | None = None,
+    ) -> None:
+        self._emit = emit
+        table = load_catalog().throttle_keys() if keys is None else keys
+        # "" for "one state per type", so the hot path needs a single dict lookup.
+        self._fields: dict[str, str] = {name: field or "" for name, field in table.items()}
+        self._windows = _QemuWindows(clock, window, self._out)
+
+    def push(self, env: Envelope) -> bool:
+        """True if ``env`` went to ``emit`` now; False if it is held (and may be replaced)."""
+        event = env["event"]
+        field = self._fields.get(event)
+        if field is None:
+            self._emit(env)
+            return True
+        value = env["data"].get(field) if field else None
+        if value is not None and value.__class__ is not str:
+            value = _freeze([value])
+        return self._windows.offer((env["vm"], event, value), env) is None
+
+    def drop_vm(self, vm: str) -> None:
+        """Forget every state of ``vm``: its timers are cancelled, its held events dropped."""
+        self._windows.drop_vm(vm)
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    @property
+    def holds(self) -> int:
+        """Events held for later (each one either went out later or was replaced)."""
+        return self._windows.holds
+
+    @property
+    def replaced(self) -> int:
+        """Held events dropped because a newer one of the same key replaced them."""
+        return self._windows.replaced
+
+    def _out(self, env: Envelope, count: int) -> None:
+        self._emit(env)
+
+
+class RuleGate:
+    """One rule's threshold, then its throttle; what passes both reaches ``fire``.
+
+    ``Firing.context`` holds ``count``, the matching events the firing stands for:
+    a threshold's count; for a throttle, the events it folded in (1 for
+    ``once_within``, the window's events for ``once_after``, 1 + replaced for
+    ``qemu``) times the threshold's count if there is one. With a throttle it also
+    holds its ``window`` and ``mode``, plus ``threshold`` and ``threshold_window``
+    when both apply; with only a threshold, ``window`` and ``mode="threshold"``.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_context",
+        "_fire",
+        "_per_pass",
+        "_rule",
+        "_threshold",
+        "_threshold_key",
+        "_throttle",
+        "_throttle_key",
+    )
+
+    def __init__(self, rule: Rule, clock: Clock, fire: Callable[[Firing], None]) -> None:
+        self._rule = rule
+        self._clock = clock
+        self._fire = fire
+        threshold, throttle = rule.threshold, rule.throttle
+        self._per_pass = threshold.count if threshold is not None else 1
+        self._threshold: _Threshold | None = None
+        self._threshold_key = _keyfunc(threshold.key if threshold is not None else ())
+        if threshold is not None and threshold.count > 1:
+            self._threshold = _Threshold(clock, threshold.window, threshold.count)
+        self._throttle: _Throttler | None = None
+        self._throttle_key = _keyfunc(throttle.key if throttle is not None else ())
+        if throttle is not None:
+            self._throttle = _throttler(throttle, clock, self._out)
+        self._context = _context(rule)
+
+    def push(self, env: Envelope) -> str | None:
+        """Offer a matched event: None if the rule fired at once, else why not (for --explain)."""
+        if self._threshold is not None:
+            reason = self._threshold.offer(self._threshold_key(env), env)
+            if reason is not None:
+                return reason
+        if self._throttle is None:
+            self._out(env, 1)
+            return None
+        return self._throttle.offer(self._throttle_key(env), env)
+
+    def drop_vm(self, vm: str) -> None:
+        """Forget the states whose latest event came from ``vm``; held firings are dropped."""
+        if self._threshold is not None:
+            self._threshold.drop_vm(vm)
+        if self._throttle is not None:
+            self._throttle.drop_vm(vm)
+
+    def __len__(self) -> int:
+        live = len(self._threshold) if self._threshold is not None else 0
+        return live + (len(self._throttle) if self._throttle is not None else 0)
+
+    def _out(self, env: Envelope, count: int) -> None:
+        context = {"count": count * self._per_pass, **self._context}
+        self._fire(Firing(rule=self._rule, envelope=env, time=self._clock.now(), context=context))
+
+
+def _context(rule: Rule) -> dict[str, Any]:
+    """The fixed part of a rule's firing context (everything but ``count``)."""
+    threshold, throttle = rule.threshold, rule.throttle
+    if throttle is not None:
+        context: dict[str, Any] = {"window": throttle.window, "mode": throttle.mode}
+        if threshold is not None:
+            context["threshold"] = threshold.count
+            context["threshold_window"] = threshold.window
+        return context
+    if threshold is not None:
+        return {"window": threshold.window, "mode": "threshold"}
+    return {}
+
+
+def _normal_path(text: str) -> str:
+    """``$['data']["node-name"]`` and ``$.data."node-name"`` spelled as ``$.data.node-name``."""
+    text = re.sub(r"\[\s*(['\"])(.*?)\1\s*\]", r".\2", text.replace(" ", ""))
+    return re.sub(r"\.\"(.*?)\"", r".\1", text)
+
+
+def unreachable_threshold(rule: Rule, catalog: Catalog) -> str | None:
+    """A warning if QEMU's rate limit keeps the rule's threshold from ever being reached.
+
+    Only claimed when every event type the rule can match is rate-limited by QEMU
+    and each threshold key holds events of one QEMU throttle state at most: the
+    key includes ``$.vm`` and, for types QEMU keys by a ``data`` field, that field
+    (``$.data.<field>``). A key of ``$.vm`` alone does not qualify for such types,
+    since one VM with several devices can send one event per second per device.
+    Event types add up unless the key includes ``$.event``.
+    """
+    threshold = rule.threshold
+    if threshold is None:
+        return None
+    types = sorted({name for pattern in rule.events for name in catalog.expand(pattern)})
+    keys = catalog.throttle_keys()
+    if not types or any(t not in keys for t in types):
+        return None
+    paths = {_normal_path(p.text) for p in threshold.key}
+    if "$.vm" not in paths:
+        return None
+    if any(keys[t] is not None and f"$.data.{keys[t]}" not in paths for t in types):
+        return None
+    # Emissions of one key are >= 1s apart, but a held event keeps its creation
+    # timestamp, so replayed timestamps can be closer: ceil, not floor, + 1 bounds both.
+    limit = math.ceil(threshold.window / QEMU_RATE) + 1
+    if len(types) > 1 and "$.event" not in paths:
+        limit *= len(types)
+    if threshold.count <= limit:
+        return None
+    return _unreachable_message(threshold.count, threshold.window, limit, types, keys)
+
+
+def _unreachable_message(
+    count: int, window: float, limit: int, types: list[str], keys: Mapping[str, str | None]
+) -> str:
+    head = f"threshold count {count} can never be reached within {_secs(window)}"
+    tail = f"(at most {limit} in {_secs(window)})"
+    if len(types) == 1:
+        per = keys[types[0]] or "VM"
+        return f"{head}: QEMU rate-limits {types[0]} to one event per second per {per} {tail}"
+    each = ", ".join(f"{t} (per {keys[t] or 'VM'})" for t in types)
+    return f"{head}: QEMU rate-limits each of {each} to one event per second {tail}"
