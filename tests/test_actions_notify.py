@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from reactor.actions.base import ActionContext, ActionSettings, CheckContext
-from reactor.actions.notify import NOTIFY, NotifyParams
+from reactor.actions.notify import NO_URLS, NOTIFY, NotifyParams
 from reactor.actions.prepare import prepare_action
 from reactor.errors import PermanentActionError, TransientActionError
 
@@ -52,7 +52,7 @@ def inbox() -> Iterator[tuple[int, Inbox]]:
         thread.join()
 
 
-def make_ctx() -> ActionContext:
+def make_ctx(settings: ActionSettings | None = None) -> ActionContext:
     return ActionContext(
         invocation_id="inv-n",
         idempotency_key="key-n",
@@ -61,12 +61,12 @@ def make_ctx() -> ActionContext:
         envelope=ENVELOPE,
         context={},
         attempt=1,
-        settings=ActionSettings(),
+        settings=settings or ActionSettings(),
     )
 
 
-def notify(params: dict[str, Any]) -> Any:
-    return asyncio.run(prepare_action(NOTIFY, params).run(make_ctx()))
+def notify(params: dict[str, Any], settings: ActionSettings | None = None) -> Any:
+    return asyncio.run(prepare_action(NOTIFY, params).run(make_ctx(settings)))
 
 
 def test_title_and_body_are_rendered_and_delivered(inbox: tuple[int, Inbox]) -> None:
@@ -115,3 +115,20 @@ def test_an_invalid_url_is_permanent_at_run_and_reported_at_check() -> None:
     ctx = CheckContext(settings=ActionSettings(), rule="r")
     params = NotifyParams(urls=["nosuchservice://x", "json://localhost/", "${env:NOTIFY_URL}"])
     assert NOTIFY.check(params, ctx) == ["urls[0]: not a valid Apprise URL (nosuchservice://...)"]
+
+
+def test_urls_default_to_the_configured_ones(inbox: tuple[int, Inbox]) -> None:
+    port, box = inbox
+    settings = ActionSettings(extra={"notify_urls": [f"json://127.0.0.1:{port}/"]})
+    assert notify({"title": "t"}, settings) == {"notified": 1}
+    assert box.messages[0]["title"] == "t"
+
+
+def test_no_urls_anywhere() -> None:
+    with pytest.raises(PermanentActionError, match=NO_URLS):
+        notify({})
+    assert NOTIFY.check is not None
+    unconfigured = CheckContext(settings=ActionSettings(), rule="r")
+    assert NOTIFY.check(NotifyParams(), unconfigured) == []  # the config file may give them
+    empty = CheckContext(settings=ActionSettings(extra={"notify_urls": []}), rule="r")
+    assert NOTIFY.check(NotifyParams(), empty) == [NO_URLS]

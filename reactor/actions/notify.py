@@ -13,19 +13,23 @@ from typing import Any
 
 from pydantic import Field
 
-from reactor.actions.base import ActionContext, ActionType, CheckContext
+from reactor.actions.base import ActionContext, ActionSettings, ActionType, CheckContext
 from reactor.actions.params import ActionParams
 from reactor.errors import PermanentActionError, TransientActionError
 from reactor.hookspecs import Register, hookimpl
 from reactor.secrets import redact
 from reactor.templates import is_template
 
+NO_URLS = "notify has no urls, and actions.notify.urls in the configuration is empty"
+
 
 class NotifyParams(ActionParams):
     """Parameters of ``notify``."""
 
     urls: list[str] = Field(
-        min_length=1, description="Apprise URLs, e.g. mailto://... (templates, secret references)"
+        default_factory=list,
+        description="Apprise URLs, e.g. mailto://... (templates, secret references); "
+        "default: actions.notify.urls of the configuration",
     )
     title: str | None = Field(None, description='default "qmp-reactor: EVENT on VM" (template)')
     body: str | None = Field(None, description='default "EVENT on VM (rule RULE)" (template)')
@@ -60,8 +64,11 @@ def _scheme(url: str) -> str:
 
 async def run_notify(params: NotifyParams, ctx: ActionContext) -> dict[str, Any]:
     """Send the notice to every URL; TransientActionError when Apprise reports a failure."""
+    urls = params.urls or configured_urls(ctx.settings)
+    if not urls:
+        raise PermanentActionError(NO_URLS)
     notifier = _apprise().Apprise()
-    for url in params.urls:
+    for url in urls:
         if not notifier.add(url, tag=params.tag):
             raise PermanentActionError(f"notify: not a valid Apprise URL ({_scheme(url)}...)")
     env = ctx.envelope
@@ -70,19 +77,35 @@ async def run_notify(params: NotifyParams, ctx: ActionContext) -> dict[str, Any]
     tags = {"tag": params.tag} if params.tag else {}
     ok = await notifier.async_notify(body=body, title=title, **tags)
     if not ok:
-        schemes = ", ".join(sorted({_scheme(url) for url in params.urls}))
+        schemes = ", ".join(sorted({_scheme(url) for url in urls}))
         raise TransientActionError(redact(f"notify via {schemes} failed"))
-    return {"notified": len(params.urls)}
+    return {"notified": len(urls)}
+
+
+def configured_urls(settings: ActionSettings) -> list[str]:
+    """The operator's default URLs (``actions.notify.urls``), if a configuration gave any."""
+    return list(settings.extra.get("notify_urls") or [])
 
 
 def check_notify(params: NotifyParams, ctx: CheckContext) -> list[str]:
-    """URLs written out in full (no template, no secret) must be ones Apprise understands."""
+    """URLs written out in full must be ones Apprise understands; some URL must exist.
+
+    Without a loaded configuration (no ``notify_urls`` in the settings at all)
+    a rule without ``urls`` is not an error: the operator's file may give them.
+    """
     apprise = _apprise()
-    return [
+    problems = [
         f"urls[{i}]: not a valid Apprise URL ({_scheme(url)}...)"
         for i, url in enumerate(params.urls)
         if not is_template(url) and apprise.Apprise.instantiate(url) is None
     ]
+    if (
+        not params.urls
+        and "notify_urls" in ctx.settings.extra
+        and not configured_urls(ctx.settings)
+    ):
+        problems.append(NO_URLS)
+    return problems
 
 
 NOTIFY = ActionType(
