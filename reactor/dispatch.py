@@ -55,6 +55,7 @@ class _Run:
     lane: _Lane
     mode: str
     cancelled: bool = False
+    closed: bool = False
     task: asyncio.Task[None] | None = None
 
 
@@ -227,6 +228,7 @@ class Dispatcher:
             self._close(run)
         elif run.mode != "queued":
             run.task = self._spawn(self._execute(run))
+            run.task.add_done_callback(partial(self._ended, run))
         else:
             lane = run.lane
             lane.queue.append(run)
@@ -255,8 +257,16 @@ class Dispatcher:
                 current.uncancel()
         self._close(run)
 
+    def _ended(self, run: _Run, task: asyncio.Task[None]) -> None:
+        # A task cancelled before its first step never ran _execute's own clean-up.
+        if task.cancelled() and run.cancelled and not self._stopping:
+            self._close(run)
+
     def _close(self, run: _Run) -> None:
         """Forget a finished run; what it did not finish is marked cancelled."""
+        if run.closed:
+            return
+        run.closed = True
         for inv in run.invocations:
             if inv.status not in _FINISHED:
                 self._runner.finish(inv, "cancelled")
