@@ -22,6 +22,7 @@ from a worker thread while the event loop reads.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -34,6 +35,8 @@ from typing import Any
 
 from reactor.errors import ConfigError, ReactorError, UserError
 from reactor.model import RetryPolicy
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 JOURNAL_NAME = "journal.sqlite3"
@@ -283,7 +286,7 @@ class Journal:
         self._db.row_factory = sqlite3.Row
         try:
             self._setup(max_bytes)
-        except (sqlite3.Error, UserError) as err:
+        except (sqlite3.Error, JournalError, UserError) as err:
             self._db.close()
             if isinstance(err, UserError):
                 raise
@@ -291,7 +294,9 @@ class Journal:
 
     def _setup(self, max_bytes: int | None) -> None:
         db = self._db
-        db.execute("PRAGMA journal_mode=WAL")
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":  # e.g. a file system without shared memory: still durable, slower
+            log.warning("journal %s: WAL not available, using journal_mode=%s", self.path, mode)
         db.execute("PRAGMA synchronous=FULL")
         self.set_max_bytes(max_bytes)
         with self._transaction():

@@ -168,6 +168,9 @@ def test_a_journal_under_a_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("not a directory")
     with pytest.raises(ConfigError, match=r"cannot open the journal .*afile/state/journal"):
         Journal(tmp_path / "afile" / "state" / "journal.sqlite3")
+    (tmp_path / "garbage.sqlite3").write_text("not SQLite at all " * 100)
+    with pytest.raises(ConfigError, match="garbage.sqlite3: file is not a database"):
+        Journal(tmp_path / "garbage.sqlite3")
 
 
 def test_default_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
