@@ -169,7 +169,7 @@ def test_a_journal_under_a_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"cannot open the journal .*afile/state/journal"):
         Journal(tmp_path / "afile" / "state" / "journal.sqlite3")
     (tmp_path / "garbage.sqlite3").write_text("not SQLite at all " * 100)
-    with pytest.raises(ConfigError, match="garbage.sqlite3: file is not a database"):
+    with pytest.raises(ConfigError, match=r"garbage\.sqlite3: file is not a database"):
         Journal(tmp_path / "garbage.sqlite3")
 
 
