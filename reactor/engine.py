@@ -16,7 +16,7 @@ from reactor.matcher import RuleSet
 from reactor.model import Envelope, Firing, Rule
 from reactor.windows import QemuStage, RuleGate
 
-Sink = Callable[[Firing], None]
+Sink = Callable[[Firing], object]
 Explain = Callable[[Envelope, Rule | None, str], None]
 """``explain(envelope, rule, message)``: why a rule did or did not fire (rule None: the event)."""
 

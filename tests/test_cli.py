@@ -98,7 +98,7 @@ def test_replay_explain_says_why(tmp_path: Path) -> None:
     result = cli("replay", "-", "--rules", str(rules), "--explain", stdin=events)
     assert result.returncode == 0
     assert result.stdout == ""
-    assert "rule only-web: condition failed: $.vm matches \"^web\" is false" in result.stderr
+    assert 'rule only-web: condition failed: $.vm matches "^web" is false' in result.stderr
 
 
 def test_invalid_rules_stop_replay_with_located_error(tmp_path: Path) -> None:

@@ -1,0 +1,155 @@
+"""The assembled reactor: engine, dispatcher, journal and plugins wired together.
+
+``Reactor`` is what ``run``, ``demo`` and ``replay --execute`` share: envelopes
+go in through ``feed``; the engine's firings go to the dispatcher, which runs
+the actions through the journal; actions reach VMs through ``vm_lookup`` and
+raise synthetic events back through ``emit``. The event source (QMP
+connections, a replay file) is the caller's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from reactor.actions.base import ActionSettings, ActionType, VmControl
+from reactor.clock import Clock
+from reactor.config import Config
+from reactor.dispatch import Dispatcher
+from reactor.engine import Engine
+from reactor.errors import PermanentActionError
+from reactor.hookspecs import ActionOutcome
+from reactor.journal import Invocation, Journal, journal_path
+from reactor.matcher import RuleSet
+from reactor.model import Envelope
+from reactor.secrets import SecretResolver, redact
+from reactor.templates import CompiledParams, compile_params, format_path, template_variables
+from reactor.vmconnection import hostname, qemu_timestamp
+
+log = logging.getLogger("reactor")
+
+
+class Renderer:
+    """Renders an invocation's raw ``with:`` parameters: templates, secrets, validation.
+
+    Compiled templates are cached by their source, so a resumed invocation (whose
+    rule may have changed since) renders exactly what was journaled.
+    """
+
+    def __init__(self, resolver: SecretResolver | None = None, limit: int = 4096) -> None:
+        self.resolver = resolver or SecretResolver()
+        self.limit = limit
+        self._cache: dict[bytes, CompiledParams] = {}
+
+    def _compiled(self, params: Mapping[str, Any]) -> CompiledParams:
+        key = orjson.dumps(params, option=orjson.OPT_SORT_KEYS, default=str)
+        found = self._cache.get(key)
+        if found is None:
+            if len(self._cache) >= self.limit:
+                self._cache.clear()
+            found = self._cache[key] = compile_params(params)
+        return found
+
+    def __call__(self, inv: Invocation, kind: ActionType) -> BaseModel:
+        """The validated parameter model for ``inv``; PermanentActionError if invalid."""
+        variables = template_variables(
+            inv.envelope, rule=inv.rule, context=inv.context, now=time.time()
+        )
+        rendered = self._compiled(inv.spec.params).render(variables, secrets=self.resolver)
+        try:
+            return kind.params.model_validate(rendered)
+        except ValidationError as err:
+            details = "; ".join(
+                f"{format_path(tuple(e['loc']))}: {e['msg']}"
+                for e in err.errors(include_url=False, include_input=False)
+            )
+            raise PermanentActionError(
+                redact(f"{kind.name}: rendered parameters are invalid: {details}")
+            ) from None
+
+
+def synthetic_envelope(vm: str, event: str, data: dict[str, Any], seq: int) -> Envelope:
+    """An envelope for an event the engine raises itself (no QMP connection involved)."""
+    now = time.time()
+    return {
+        "event": event,
+        "data": data,
+        "timestamp": qemu_timestamp(now),
+        "vm": vm,
+        "host": hostname(),
+        "source": "reactor",
+        "seq": seq,
+        "received_at": now,
+    }
+
+
+class Reactor:
+    """Engine + dispatcher + journal, fed envelopes by whoever owns the event source."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        rules: RuleSet,
+        action_types: Mapping[str, ActionType],
+        clock: Clock,
+        state_dir: Path | None,
+        settings: ActionSettings | None = None,
+        observe: Callable[[Envelope], None] | None = None,
+        on_outcome: Callable[[ActionOutcome], None] | None = None,
+        vm_lookup: Callable[[str], VmControl | None] = lambda vm: None,
+        emit: Callable[[str, str, dict[str, Any]], None] | None = None,
+        sleep: Any = None,
+    ) -> None:
+        self.config = config
+        self.journal = Journal(journal_path(state_dir)) if state_dir is not None else None
+        acts = config.actions
+        extra: dict[str, Any] = {"sleep": sleep} if sleep is not None else {}
+        self.dispatcher = Dispatcher(
+            action_types=action_types,
+            settings=settings or acts.settings(),
+            render=Renderer(),
+            journal=self.journal,
+            vm_lookup=vm_lookup,
+            emit=emit or self.emit_local,
+            on_outcome=on_outcome,
+            redact=redact,
+            default_retry=acts.retry.policy(),
+            default_timeout=acts.timeout,
+            max_concurrency=acts.max_concurrency,
+            per_type_limits=acts.limits,
+            **extra,
+        )
+        self.engine = Engine(
+            rules, clock, self.dispatcher.submit, qemu_stage=config.qemu_stage, observe=observe
+        )
+        self._seq = 0
+
+    def feed(self, env: Envelope) -> None:
+        """One envelope into the engine."""
+        self.engine.feed(env)
+
+    def emit_local(self, vm: str, event: str, data: dict[str, Any]) -> None:
+        """Raise a synthetic event for ``vm`` without a connection (replay, tests)."""
+        self._seq += 1
+        self.feed(synthetic_envelope(vm, event, data, self._seq))
+
+    def swap_rules(self, rules: RuleSet) -> None:
+        """Use a new, fully validated rule set."""
+        self.engine.swap_rules(rules)
+
+    async def start(self) -> None:
+        """Start the dispatcher, resuming what the journal left unfinished."""
+        await self.dispatcher.start()
+
+    async def stop(self, grace: float) -> None:
+        """No new actions; in-flight ones get ``grace`` seconds; the rest stay journaled."""
+        await self.dispatcher.shutdown(grace)
+        if self.journal is not None:
+            self.journal.close()
