@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import asyncio
 import json
 import socket
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 
 from reactor.actions.base import ActionContext, ActionSettings, CheckContext
-from reactor.actions.notify import NO_URLS, NOTIFY, NotifyParams
+from reactor.actions.notify import NOTIFY, NotifyParams
 from reactor.actions.prepare import prepare_action
 from reactor.errors import PermanentActionError, TransientActionError
 
@@ -124,11 +126,12 @@ def test_urls_default_to_the_configured_ones(inbox: tuple[int, Inbox]) -> None:
     assert box.messages[0]["title"] == "t"
 
 
-def test_no_urls_anywhere() -> None:
-    with pytest.raises(PermanentActionError, match=NO_URLS):
-        notify({})
+def test_no_urls_anywhere_goes_to_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="reactor.notify"):
+        assert notify({"title": "disk full", "body": "on web-1"}) == {"notified": 0, "logged": True}
+    assert [r.getMessage() for r in caplog.records if r.name == "reactor.notify"] == [
+        "disk full: on web-1"
+    ]
     assert NOTIFY.check is not None
-    unconfigured = CheckContext(settings=ActionSettings(), rule="r")
-    assert NOTIFY.check(NotifyParams(), unconfigured) == []  # the config file may give them
     empty = CheckContext(settings=ActionSettings(extra={"notify_urls": []}), rule="r")
-    assert NOTIFY.check(NotifyParams(), empty) == [NO_URLS]
+    assert NOTIFY.check(NotifyParams(), empty) == []

@@ -7,6 +7,7 @@ loads many service modules.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from functools import cache
 from typing import Any
@@ -20,7 +21,7 @@ from reactor.hookspecs import Register, hookimpl
 from reactor.secrets import redact
 from reactor.templates import is_template
 
-NO_URLS = "notify has no urls, and actions.notify.urls in the configuration is empty"
+notice_log = logging.getLogger("reactor.notify")
 
 
 class NotifyParams(ActionParams):
@@ -29,7 +30,7 @@ class NotifyParams(ActionParams):
     urls: list[str] = Field(
         default_factory=list,
         description="Apprise URLs, e.g. mailto://... (templates, secret references); "
-        "default: actions.notify.urls of the configuration",
+        "default: actions.notify.urls of the configuration, else the log",
     )
     title: str | None = Field(None, description='default "qmp-reactor: EVENT on VM" (template)')
     body: str | None = Field(None, description='default "EVENT on VM (rule RULE)" (template)')
@@ -65,15 +66,17 @@ def _scheme(url: str) -> str:
 async def run_notify(params: NotifyParams, ctx: ActionContext) -> dict[str, Any]:
     """Send the notice to every URL; TransientActionError when Apprise reports a failure."""
     urls = params.urls or configured_urls(ctx.settings)
+    env = ctx.envelope
+    title = params.title or f"qmp-reactor: {env.get('event', '?')} on {env.get('vm', '?')}"
+    body = params.body or default_body(ctx)
     if not urls:
-        raise PermanentActionError(NO_URLS)
+        # Nobody to tell yet: the log is the notice, so a fresh install loses nothing.
+        notice_log.warning("%s: %s", title, body, extra={"rule": ctx.rule, "vm": env.get("vm")})
+        return {"notified": 0, "logged": True}
     notifier = _apprise().Apprise()
     for url in urls:
         if not notifier.add(url, tag=params.tag):
             raise PermanentActionError(f"notify: not a valid Apprise URL ({_scheme(url)}...)")
-    env = ctx.envelope
-    title = params.title or f"qmp-reactor: {env.get('event', '?')} on {env.get('vm', '?')}"
-    body = params.body or default_body(ctx)
     tags = {"tag": params.tag} if params.tag else {}
     ok = await notifier.async_notify(body=body, title=title, **tags)
     if not ok:
@@ -88,10 +91,10 @@ def configured_urls(settings: ActionSettings) -> list[str]:
 
 
 def check_notify(params: NotifyParams, ctx: CheckContext) -> list[str]:
-    """URLs written out in full must be ones Apprise understands; some URL must exist.
+    """URLs written out in full must be ones Apprise understands.
 
-    Without a loaded configuration (no ``notify_urls`` in the settings at all)
-    a rule without ``urls`` is not an error: the operator's file may give them.
+    A rule without ``urls`` uses ``actions.notify.urls`` of the configuration; with
+    none there either, notices go to the log (logger ``reactor.notify``).
     """
     apprise = _apprise()
     problems = [
@@ -99,12 +102,6 @@ def check_notify(params: NotifyParams, ctx: CheckContext) -> list[str]:
         for i, url in enumerate(params.urls)
         if not is_template(url) and apprise.Apprise.instantiate(url) is None
     ]
-    if (
-        not params.urls
-        and "notify_urls" in ctx.settings.extra
-        and not configured_urls(ctx.settings)
-    ):
-        problems.append(NO_URLS)
     return problems
 
 
