@@ -278,6 +278,6 @@ class FakeQmp:
         finally:
             peer.closed.set()
             writer.close()
-            with contextlib.suppress(ConnectionError):
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()
             self._handlers.discard(task)
