@@ -15,154 +15,63 @@ spec (type, raw ``with`` params, never rendered secrets, retry, timeout), the
 envelope and window context as JSON. The invocation id doubles as the
 idempotency key, the same on every attempt and after a restart.
 
-Every method is one transaction and thread-safe, so the dispatcher may write
-from a worker thread while the event loop reads.
+Every method is one transaction and thread-safe; ``stage`` and ``commit`` split
+one transaction in two, so that the statements run in one thread and the commit,
+which waits for the disk, in another. ``exclusive=True`` (the daemon) takes a
+lock file beside the journal so that two daemons never resume the same work;
+the ``dlq`` command opens it without.
+
+The table layout and the row conversion live in ``reactor.journal_rows``.
 """
 
 from __future__ import annotations
 
-import json
+import fcntl
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reactor.errors import ConfigError, ReactorError, UserError
-from reactor.model import RetryPolicy
+from reactor.invocation import ActionSpecData, Invocation, new_id
+from reactor.journal_rows import (
+    COLS,
+    MARKS,
+    REQUEUED_SELECT,
+    SCHEMA,
+    SCHEMA_VERSION,
+    done_runs,
+    from_row,
+    to_rows,
+)
+
+__all__ = [
+    "ActionSpecData",
+    "Invocation",
+    "Journal",
+    "JournalBatch",
+    "JournalError",
+    "default_state_dir",
+    "journal_path",
+    "new_id",
+]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 JOURNAL_NAME = "journal.sqlite3"
 SYSTEM_STATE_DIR = Path("/var/lib/qmp-reactor")
 UNFINISHED = ("pending", "running", "requeued")
 FINISHED = ("done", "skipped", "cancelled")
 
-_COLUMNS = (
-    "id", "firing_id", "rule", "action_index", "action_type", "params", "retry", "timeout",
-    "mode", "vm", "event", "seq", "envelope", "context", "status", "attempts", "created_at",
-    "updated_at", "finished_at", "last_error",
-)  # fmt: skip
-_COLS = ", ".join(_COLUMNS)
-_MARKS = ", ".join("?" * len(_COLUMNS))
-# A dead letter sent back: same row, a fresh attempt budget, not finished.
-_REQUEUED = ", ".join(
-    {"status": "'requeued'", "attempts": "0", "updated_at": "?", "finished_at": "NULL"}.get(c, c)
-    for c in _COLUMNS
-)
-
-_ID = "id TEXT {} NOT NULL,  -- uuid4 hex; also the idempotency key"
-_TABLE = """
-    firing_id TEXT NOT NULL,     -- the invocations of one firing run in action_index order
-    rule TEXT NOT NULL,
-    action_index INTEGER NOT NULL,
-    action_type TEXT NOT NULL,
-    params TEXT NOT NULL,        -- JSON: the raw `with` mapping, templates unrendered
-    retry TEXT NOT NULL,         -- JSON: the effective RetryPolicy
-    timeout REAL NOT NULL,       -- seconds per attempt
-    mode TEXT NOT NULL,          -- the rule's mode when it fired
-    vm TEXT NOT NULL,
-    event TEXT NOT NULL,
-    seq INTEGER,
-    envelope TEXT NOT NULL,      -- JSON
-    context TEXT NOT NULL,       -- JSON
-    status TEXT NOT NULL,
-    attempts INTEGER NOT NULL,   -- attempts started
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    finished_at REAL,
-    last_error TEXT              -- redacted by the dispatcher's redactor
-"""
-
-_SCHEMA = (
-    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
-    # ``n`` (the rowid) orders the rows and addresses them cheaply; the journal assigns it.
-    f"CREATE TABLE invocations (n INTEGER PRIMARY KEY, {_ID.format('')} {_TABLE})",
-    f"CREATE TABLE dead_letters ({_ID.format('PRIMARY KEY')} {_TABLE}, died_at REAL NOT NULL)",
-    # Partial indexes cost nothing for rows outside them: the hot path never touches the first.
-    "CREATE INDEX invocations_requeued ON invocations(status) WHERE status = 'requeued'",
-    "CREATE INDEX invocations_finished ON invocations(finished_at) WHERE finished_at IS NOT NULL",
-)
-
 
 class JournalError(ReactorError):
     """A journal read or write failed (disk full, read-only, I/O error); the cause is kept."""
-
-
-@dataclass(frozen=True, slots=True)
-class ActionSpecData:
-    """An action as it will run: type, raw ``with`` params, effective retry and timeout."""
-
-    type: str
-    params: Mapping[str, Any]
-    retry: RetryPolicy
-    timeout: float
-
-
-@dataclass(slots=True)
-class Invocation:
-    """One action of one firing; ``id`` is also the idempotency key."""
-
-    id: str
-    firing_id: str
-    rule: str
-    action_index: int
-    spec: ActionSpecData
-    mode: str
-    vm: str
-    event: str
-    seq: int | None
-    envelope: dict[str, Any]
-    context: dict[str, Any]
-    created_at: float
-    attempts: int = 0
-    status: str = "pending"
-    last_error: str | None = None
-    updated_at: float = 0.0
-    finished_at: float | None = None
-    died_at: float | None = field(default=None, compare=False)
-    row: int | None = field(default=None, compare=False)
-    """The row number in ``invocations``, once written."""
-
-    @property
-    def idempotency_key(self) -> str:
-        """The key receivers use to spot a duplicate delivery: the invocation id."""
-        return self.id
-
-
-class _RandomPool:
-    """Random bytes fetched 4 KiB at a time: os.urandom is a system call per use."""
-
-    def __init__(self) -> None:
-        self.pool = b""
-        self.at = 0
-        os.register_at_fork(after_in_child=self.reset)  # a child must not repeat our ids
-
-    def reset(self) -> None:
-        self.pool, self.at = b"", 0
-
-    def take(self) -> bytes:
-        if self.at >= len(self.pool):
-            self.pool, self.at = os.urandom(4096), 0
-        self.at += 16
-        return self.pool[self.at - 16 : self.at]
-
-
-_POOL = _RandomPool()
-_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
-_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)  # version 4, RFC 4122 variant
-
-
-def new_id() -> str:
-    """A fresh invocation id: a random uuid4 as 32 hex digits."""
-    value = int.from_bytes(_POOL.take(), "big") & _UUID4_CLEAR | _UUID4_SET
-    return f"{value:032x}"
 
 
 def default_state_dir() -> Path:
@@ -177,70 +86,6 @@ def default_state_dir() -> Path:
 def journal_path(state_dir: Path) -> Path:
     """Where the journal of a state directory lives."""
     return Path(state_dir) / JOURNAL_NAME
-
-
-_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)  # json.dumps() builds one per call
-
-
-def _dumps(value: Any) -> str:
-    try:
-        return _ENCODER.encode(value)
-    except (ValueError, RecursionError):  # a cycle: keep a trace rather than lose the row
-        return _ENCODER.encode({"unserialisable": repr(value)[:2000]})
-
-
-def _rows(invs: Iterable[Invocation]) -> Iterator[tuple[Any, ...]]:
-    """Row tuples; shared envelopes and specs (one firing, one rule) are serialised once."""
-    # Keyed by id(): every object stays alive (referenced by ``invs``) for the whole call.
-    specs: dict[int, tuple[str, str]] = {}
-    envelopes: dict[tuple[int, int], tuple[str, str]] = {}
-    for inv in invs:
-        spec = inv.spec
-        spec_json = specs.get(id(spec))
-        if spec_json is None:
-            spec_json = specs[id(spec)] = (_dumps(dict(spec.params)), _dumps(asdict(spec.retry)))
-        key = (id(inv.envelope), id(inv.context))
-        env_json = envelopes.get(key)
-        if env_json is None:
-            env_json = envelopes[key] = (_dumps(inv.envelope), _dumps(inv.context))
-        yield (
-            inv.id, inv.firing_id, inv.rule, inv.action_index, spec.type, spec_json[0],
-            spec_json[1], spec.timeout, inv.mode, inv.vm, inv.event, inv.seq, env_json[0],
-            env_json[1], inv.status, inv.attempts, inv.created_at, inv.updated_at,
-            inv.finished_at, inv.last_error,
-        )  # fmt: skip
-
-
-def _runs(invs: list[Invocation]) -> Iterator[tuple[float, float, int, int]]:
-    """(updated_at, finished_at, first row, last row) for each run of consecutive rows."""
-    invs.sort(key=lambda inv: inv.row or 0)
-    start = 0
-    for i, inv in enumerate(invs):
-        last = i + 1 == len(invs) or invs[i + 1].row != (inv.row or 0) + 1
-        if last:
-            finished = max(x.finished_at or 0.0 for x in invs[start : i + 1])
-            yield finished, finished, invs[start].row or 0, inv.row or 0
-            start = i + 1
-
-
-def _invocation(row: sqlite3.Row) -> Invocation:
-    keys = row.keys()
-    spec = ActionSpecData(
-        type=row["action_type"],
-        params=json.loads(row["params"]),
-        retry=RetryPolicy(**json.loads(row["retry"])),
-        timeout=row["timeout"],
-    )
-    return Invocation(
-        id=row["id"], firing_id=row["firing_id"], rule=row["rule"],
-        action_index=row["action_index"], spec=spec, mode=row["mode"], vm=row["vm"],
-        event=row["event"], seq=row["seq"], envelope=json.loads(row["envelope"]),
-        context=json.loads(row["context"]), created_at=row["created_at"],
-        attempts=row["attempts"], status=row["status"], last_error=row["last_error"],
-        updated_at=row["updated_at"], finished_at=row["finished_at"],
-        died_at=row["died_at"] if "died_at" in keys else None,
-        row=row["n"] if "n" in keys else None,
-    )  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -265,29 +110,40 @@ class Journal:
     """The SQLite outbox of action invocations (see the module docstring)."""
 
     def __init__(
-        self, path: Path, *, keep_finished: float = 60.0, max_bytes: int | None = None
+        self,
+        path: Path,
+        *,
+        keep_finished: float = 60.0,
+        max_bytes: int | None = None,
+        exclusive: bool = False,
     ) -> None:
         """Open or create the journal at ``path`` (and its directory).
 
         ``keep_finished``: seconds a finished row stays before ``prune`` deletes it.
         ``max_bytes``: a size cap; past it writes fail as on a full disk.
-        Raises ``ConfigError`` when the file cannot be created or opened.
+        ``exclusive``: hold ``<path>.lock`` while open; another exclusive opener fails.
+        Raises ``ConfigError`` when the file cannot be created, opened or locked.
         """
         self.path = Path(path)
         self.keep_finished = keep_finished
         self._lock = threading.Lock()
+        self._lockfile: int | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if exclusive:
+                self._lockfile = _lock_beside(self.path)
             self._db = sqlite3.connect(
                 self.path, timeout=10.0, isolation_level=None, check_same_thread=False
             )
         except (OSError, sqlite3.Error) as err:
+            self._unlock()
             raise ConfigError(f"cannot open the journal {self.path}: {err}") from err
         self._db.row_factory = sqlite3.Row
         try:
             self._setup(max_bytes)
         except (sqlite3.Error, JournalError, UserError) as err:
             self._db.close()
+            self._unlock()
             if isinstance(err, UserError):
                 raise
             raise ConfigError(f"cannot open the journal {self.path}: {err}") from err
@@ -302,7 +158,7 @@ class Journal:
         with self._transaction():
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if "schema_version" not in tables:
-                for statement in _SCHEMA:
+                for statement in SCHEMA:
                     db.execute(statement)
                 db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
         version = db.execute("SELECT version FROM schema_version").fetchone()[0]
@@ -407,8 +263,8 @@ class Journal:
         for n, inv in enumerate(invs, last + 1):
             inv.row = n
         db.executemany(
-            f"INSERT INTO invocations (n, {_COLS}) VALUES (?, {_MARKS})",
-            ((inv.row, *row) for inv, row in zip(invs, _rows(invs), strict=True)),
+            f"INSERT INTO invocations (n, {COLS}) VALUES (?, {MARKS})",
+            ((inv.row, *row) for inv, row in zip(invs, to_rows(invs), strict=True)),
         )
 
     @staticmethod
@@ -433,7 +289,7 @@ class Journal:
         db.executemany(
             "UPDATE invocations SET status='done', attempts=1, last_error=NULL, updated_at=?,"
             " finished_at=? WHERE n BETWEEN ? AND ?",
-            _runs(done_at_once),
+            done_runs(done_at_once),
         )
 
     @staticmethod
@@ -445,15 +301,15 @@ class Journal:
         for inv in invs:
             inv.status, inv.died_at = "dead", inv.died_at or now
         db.executemany(
-            f"INSERT OR REPLACE INTO dead_letters ({_COLS}, died_at) VALUES ({_MARKS}, ?)",
-            ((*row, inv.died_at) for row, inv in zip(_rows(invs), invs, strict=True)),
+            f"INSERT OR REPLACE INTO dead_letters ({COLS}, died_at) VALUES ({MARKS}, ?)",
+            ((*row, inv.died_at) for row, inv in zip(to_rows(invs), invs, strict=True)),
         )
         db.executemany("DELETE FROM invocations WHERE n=?", ((inv.row,) for inv in invs))
 
     def _select(self, sql: str, args: Sequence[Any] = ()) -> list[Invocation]:
         with self._lock:
             try:
-                return [_invocation(r) for r in self._db.execute(sql, args)]
+                return [from_row(r) for r in self._db.execute(sql, args)]
             except sqlite3.Error as err:
                 raise JournalError(f"journal {self.path}: {err}") from err
 
@@ -471,7 +327,7 @@ class Journal:
                 "SELECT * FROM invocations WHERE status = 'requeued' ORDER BY n"
             ).fetchall()
             db.execute("UPDATE invocations SET status = 'pending' WHERE status = 'requeued'")
-        claimed = [_invocation(r) for r in rows]
+        claimed = [from_row(r) for r in rows]
         for inv in claimed:
             inv.status = "pending"
         return claimed
@@ -522,7 +378,7 @@ class Journal:
             now = time.time()
             for inv_id in full:
                 db.execute(
-                    f"INSERT INTO invocations ({_COLS}) SELECT {_REQUEUED} FROM dead_letters"
+                    f"INSERT INTO invocations ({COLS}) SELECT {REQUEUED_SELECT} FROM dead_letters"
                     " WHERE id = ?",
                     (now, inv_id),
                 )
@@ -546,6 +402,28 @@ class Journal:
             ).rowcount
 
     def close(self) -> None:
-        """Close the database (a checkpoint folds the WAL back into the file)."""
+        """Close the database (a checkpoint folds the WAL back into the file) and unlock."""
         with self._lock:
             self._db.close()
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lockfile is not None:
+            os.close(self._lockfile)  # closing drops the flock
+            self._lockfile = None
+
+
+def _lock_beside(path: Path) -> int:
+    """Take ``<path>.lock`` (flock, released by the kernel if the process dies)."""
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"the journal {path} is in use by another qmp-reactor (its lock {path}.lock is held)"
+        ) from None
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

@@ -173,6 +173,16 @@ def test_a_journal_under_a_file_is_a_clear_error(tmp_path: Path) -> None:
         Journal(tmp_path / "garbage.sqlite3")
 
 
+def test_an_exclusive_journal_keeps_a_second_daemon_out(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    daemon = Journal(path, exclusive=True)
+    with pytest.raises(ConfigError, match="in use by another qmp-reactor"):
+        Journal(path, exclusive=True)
+    Journal(path).close()  # the dlq command may still look
+    daemon.close()
+    Journal(path, exclusive=True).close()
+
+
 def test_default_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(journal_module, "SYSTEM_STATE_DIR", tmp_path / "lib" / "qmp-reactor")
     assert default_state_dir() == Path(".qmp-reactor")  # /lib does not exist

@@ -65,7 +65,7 @@ async def post(params: Post, ctx: ActionContext) -> None:
 
 
 async def main() -> None:
-    journal = Journal(state / "journal.sqlite3")
+    journal = Journal(state / "journal.sqlite3", exclusive=True)  # the lock dies with us
     dispatcher = Dispatcher(
         action_types={"post": ActionType("post", Post, post)},
         settings=ActionSettings(),
