@@ -210,6 +210,8 @@ class Outbox:
         except JournalError as err:
             self._failed(err)
             return
+        if not len(self._pending):  # else the next flush tells whether writes work again
+            self._recovered()
         if claimed and self.on_requeued is not None:
             self.on_requeued(claimed)
 
