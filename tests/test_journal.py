@@ -65,7 +65,9 @@ def test_rows_round_trip_with_everything_needed_to_run(journal: Journal) -> None
     assert (back[1].envelope, back[1].context) == (invs[1].envelope, {"count": 2})
     assert (back[2].rule, back[2].action_index, back[2].firing_id) == ("panic", 2, invs[0].id)
     assert journal.path.parent.is_dir()
-    mode = sqlite3.connect(journal.path).execute("PRAGMA journal_mode").fetchone()[0]
+    db = sqlite3.connect(journal.path)
+    mode = db.execute("PRAGMA journal_mode").fetchone()[0]
+    db.close()
     assert mode == "wal"
 
 
