@@ -91,7 +91,6 @@ async def live_demo(out: TextIO) -> int:
     rules, _ = require_rules([bundled_rules()], action_types=plugins.action_types())
     n.say(f"qmp-reactor demo: {len(rules)} default rules, a throwaway QEMU with a quorum disk")
     with ThrowawayQemu(name=VM, extra_qmp=[VM], quorum=True) as q:
-        q.qmp.connect()
         state = Path(tempfile.mkdtemp(prefix="qmp-reactor-demo-"))
         try:
             await _run(q, rules, plugins, state, n)

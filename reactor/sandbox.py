@@ -110,7 +110,9 @@ class QmpDriver:
         """Connect, read the greeting and negotiate capabilities; return the greeting.
 
         Retries the connection until ``timeout`` so it can be called right after QEMU starts.
+        A connection already open is closed first.
         """
+        self.close()
         deadline = time.monotonic() + timeout
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
