@@ -223,8 +223,7 @@ class VmConnection:
         log.info("%s: connected to %s (%s)", self.name, self.address, data["status"])
         self.emit("REACTOR_CONNECTED", data)
         link.release(self._on_event)
-        if self._on_state is not None:
-            self._on_state(self.name, True)
+        self._tell_state(True)
 
     def _end(self, link: QmpLink, reason: str) -> None:
         self._link = None
@@ -234,8 +233,15 @@ class VmConnection:
         log.info("%s: disconnected from %s: %s", self.name, self.address, reason)
         data = {"shutdown_seen": self._shutdown_seen, "reason": reason, "address": self.address}
         self.emit("REACTOR_DISCONNECTED", data)
-        if self._on_state is not None:
-            self._on_state(self.name, False)
+        self._tell_state(False)
+
+    def _tell_state(self, up: bool) -> None:
+        if self._on_state is None:
+            return
+        try:
+            self._on_state(self.name, up)
+        except Exception:
+            log.exception("%s: on_state failed", self.name)
 
     # -- dialing ----------------------------------------------------------------------
 

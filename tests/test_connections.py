@@ -286,9 +286,15 @@ def test_execute_maps_errors_to_transient_and_permanent(sockdir: Path) -> None:
 def test_quit_ends_with_shutdown_seen_and_a_dead_peer_without(sockdir: Path) -> None:
     path = str(sockdir / "vm.qmp")
 
+    states: list[tuple[str, bool]] = []
+
     async def scenario() -> None:
         rec = Recorder()
-        async with FakeQmp(path) as fake, manager(rec) as mgr:
+
+        def tell(vm: str, up: bool) -> None:
+            states.append((vm, up))
+
+        async with FakeQmp(path) as fake, manager(rec, on_state=tell) as mgr:
             vm = mgr.add(path)
             await rec.wait("vm", "REACTOR_CONNECTED")
             assert await vm.execute("quit", cause=("r", "a")) == {}
@@ -308,6 +314,7 @@ def test_quit_ends_with_shutdown_seen_and_a_dead_peer_without(sockdir: Path) -> 
         assert seqs == list(range(1, len(seqs) + 1))  # one counter across reconnects
 
     run(scenario())
+    assert states[:4] == [("vm", True), ("vm", False), ("vm", True), ("vm", False)]
 
 
 # -- misbehaving peers -----------------------------------------------------------------
@@ -490,6 +497,7 @@ def test_listen_mode_names_vms_by_query_name_or_peer(sockdir: Path) -> None:
             async with asyncio.timeout(5):
                 while not os.path.exists(listen):
                     await asyncio.sleep(0.01)
+            mute_reader, mute = await asyncio.open_unix_connection(listen)  # never greets
             alpha_task, alpha = await _fake_qemu_client(listen, "alpha")
             anon_task, _ = await _fake_qemu_client(listen, None)
             anon_name = f"pid-{os.getpid()}"
@@ -510,6 +518,9 @@ def test_listen_mode_names_vms_by_query_name_or_peer(sockdir: Path) -> None:
             again = await rec.wait("alpha", "REACTOR_CONNECTED", 2)
             assert again["seq"] > stop["seq"]  # seq continues for the same VM
             assert rec.of(anon_name, "REACTOR_DISCONNECTED") == []
+            assert await mute_reader.read() == b""  # given up on after the greeting timeout
+            mute.close()
+            await mute.wait_closed()
             server.cancel()
             await asyncio.wait([server, anon_task, again_task])
             assert not os.path.exists(listen)
