@@ -198,7 +198,7 @@ class VmConnection:
             await discard(link)
             raise
         self._begin(link, version, status)
-        reason = None
+        reason: str | None = None  # stays None when we are cancelled: then stop_reason applies
         try:
             reason = await link.closed()
         finally:
