@@ -108,7 +108,9 @@ class Reactor:
         sleep: Any = None,
     ) -> None:
         self.config = config
-        self.journal = Journal(journal_path(state_dir)) if state_dir is not None else None
+        self.journal = (
+            Journal(journal_path(state_dir), exclusive=True) if state_dir is not None else None
+        )
         acts = config.actions
         extra: dict[str, Any] = {"sleep": sleep} if sleep is not None else {}
         self.dispatcher = Dispatcher(
