@@ -29,7 +29,7 @@ from typing import Any, Generic, TypeVar
 
 from reactor.catalog import Catalog, load_catalog
 from reactor.clock import Clock, TimerHandle
-from reactor.model import CompiledPath, Envelope, Firing, Rule, Throttle
+from reactor.model import CompiledPath, Envelope, Firing, Rule
 
 QEMU_RATE = 1.0
 """Seconds between two events of one QEMU throttle key (monitor.c: 1e9 ns, every type)."""
@@ -64,24 +64,15 @@ def _keyfunc(paths: Sequence[CompiledPath]) -> _KeyFunc:
 
 
 class _Slot:
-    """One key's open window: the VM it belongs to and the timer that ends it."""
+    """One key's window: its VM, the timer ending it, a held event and the events folded in."""
 
-    __slots__ = ("timer", "vm")
+    __slots__ = ("count", "env", "timer", "vm")
 
-    def __init__(self, vm: str) -> None:
+    def __init__(self, vm: str, env: Envelope | None = None, count: int = 0) -> None:
         self.vm = vm
-        self.timer: TimerHandle | None = None
-
-
-class _Held(_Slot):
-    """A window that may hold an event, with the number of events folded into it."""
-
-    __slots__ = ("count", "env")
-
-    def __init__(self, vm: str, env: Envelope | None, count: int) -> None:
-        super().__init__(vm)
         self.env = env
         self.count = count
+        self.timer: TimerHandle | None = None
 
 
 class _Tally(_Slot):
@@ -133,15 +124,30 @@ class _Windows(Generic[S]):
         raise NotImplementedError
 
 
-class _QemuWindows(_Windows[_Held]):
-    """QEMU's algorithm: first event out at once, then the last of each window at its end."""
+class _Throttle(_Windows[_Slot]):
+    """Windows that send what passes to ``out(envelope, events folded in)``."""
 
-    __slots__ = ("_out", "_reason", "holds", "replaced")
+    __slots__ = ("_out", "_reason")
+    REASON = ""
 
     def __init__(self, clock: Clock, window: float, out: _Out) -> None:
         super().__init__(clock, window)
         self._out = out
-        self._reason = f"held (qemu {_secs(window)})"
+        self._reason = self.REASON.format(_secs(window))
+
+    def offer(self, key: Hashable, env: Envelope) -> str | None:
+        """None if ``env`` went out now; else why not (for --explain)."""
+        raise NotImplementedError
+
+
+class _QemuWindows(_Throttle):
+    """QEMU's algorithm: first event out at once, then the last of each window at its end."""
+
+    __slots__ = ("holds", "replaced")
+    REASON = "held (qemu {})"
+
+    def __init__(self, clock: Clock, window: float, out: _Out) -> None:
+        super().__init__(clock, window, out)
         self.holds = 0
         self.replaced = 0
 
@@ -149,7 +155,7 @@ class _QemuWindows(_Windows[_Held]):
         """None if ``env`` went out now; else why it is held (it may yet be replaced)."""
         slot = self._slots.get(key)
         if slot is None:
-            self._open(key, _Held(env["vm"], None, 0))
+            self._open(key, _Slot(env["vm"]))
             self._out(env, 1)
             return None
         self.holds += 1
@@ -174,15 +180,11 @@ class _QemuWindows(_Windows[_Held]):
         self._out(env, count)
 
 
-class _OnceWithin(_Windows[_Slot]):
+class _OnceWithin(_Throttle):
     """First event fires at once; the rest of its window is dropped."""
 
-    __slots__ = ("_out", "_reason")
-
-    def __init__(self, clock: Clock, window: float, out: _Out) -> None:
-        super().__init__(clock, window)
-        self._out = out
-        self._reason = f"throttled (once_within {_secs(window)})"
+    __slots__ = ()
+    REASON = "throttled (once_within {})"
 
     def offer(self, key: Hashable, env: Envelope) -> str | None:
         """None if ``env`` fired now; else why it was dropped."""
@@ -198,28 +200,24 @@ class _OnceWithin(_Windows[_Slot]):
         del self._slots[key]
 
 
-class _OnceAfter(_Windows[_Held]):
+class _OnceAfter(_Throttle):
     """First event opens the window; at its end the last event fires, counting them all."""
 
-    __slots__ = ("_out", "_prefix")
-
-    def __init__(self, clock: Clock, window: float, out: _Out) -> None:
-        super().__init__(clock, window)
-        self._out = out
-        self._prefix = f"held (once_after {_secs(window)}, "
+    __slots__ = ()
+    REASON = "held (once_after {}, "
 
     def offer(self, key: Hashable, env: Envelope) -> str | None:
         """Why ``env`` is held: it never fires at once."""
         slot = self._slots.get(key)
         if slot is None:
-            slot = _Held(env["vm"], env, 1)
+            slot = _Slot(env["vm"], env, 1)
             self._open(key, slot)
         else:
             slot.env = env
             slot.vm = env["vm"]
             slot.count += 1
         n = slot.count
-        return f"{self._prefix}{n} event{'' if n == 1 else 's'})"
+        return f"{self._reason}{n} event{'' if n == 1 else 's'})"
 
     def _end(self, key: Hashable) -> None:
         slot = self._slots.pop(key)
@@ -272,15 +270,11 @@ class _Threshold(_Windows[_Tally]):
             del self._slots[key]
 
 
-_Throttler = _QemuWindows | _OnceWithin | _OnceAfter
-
-
-def _throttler(throttle: Throttle, clock: Clock, out: _Out) -> _Throttler:
-    if throttle.mode == "once_within":
-        return _OnceWithin(clock, throttle.window, out)
-    if throttle.mode == "once_after":
-        return _OnceAfter(clock, throttle.window, out)
-    return _QemuWindows(clock, throttle.window, out)
+_THROTTLES: dict[str, type[_Throttle]] = {
+    "once_within": _OnceWithin,
+    "once_after": _OnceAfter,
+    "qemu": _QemuWindows,
+}
 
 
 class QemuStage:
@@ -375,10 +369,10 @@ class RuleGate:
         self._threshold_key = _keyfunc(threshold.key if threshold is not None else ())
         if threshold is not None and threshold.count > 1:
             self._threshold = _Threshold(clock, threshold.window, threshold.count)
-        self._throttle: _Throttler | None = None
+        self._throttle: _Throttle | None = None
         self._throttle_key = _keyfunc(throttle.key if throttle is not None else ())
         if throttle is not None:
-            self._throttle = _throttler(throttle, clock, self._out)
+            self._throttle = _THROTTLES[throttle.mode](clock, throttle.window, self._out)
         self._context = _context(rule)
 
     def push(self, env: Envelope) -> str | None:

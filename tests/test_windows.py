@@ -354,6 +354,18 @@ def test_multi_path_key_and_dict_values() -> None:
     assert len(g.gate) == 3
 
 
+def test_single_path_key_with_dict_values() -> None:
+    dev = CompiledPath("$.data.dev", lambda e: [e["data"]["dev"]])
+    g = Gate(rule(throttle("once_within", 5.0, dev)))
+    reasons = g.feed(
+        [
+            env("X", T0, seq=1, dev={"bus": 1, "slot": 2}),
+            env("X", T0, vm="vm2", seq=2, dev={"slot": 2, "bus": 1}),
+        ]
+    )
+    assert reasons == [None, "throttled (once_within 5s)"]
+
+
 def test_rule_without_windows_fires_every_event_at_once() -> None:
     g = Gate(rule())
     assert g.feed([env("X", T0, seq=1), env("X", T0, seq=2)]) == [None, None]
