@@ -25,6 +25,7 @@ from reactor.matcher import RuleSet
 from reactor.model import ActionSpec, CompiledPath, RetryPolicy, Rule, Threshold, Throttle
 from reactor.paths import PathSyntaxError, compile_path, data_field
 from reactor.validation import validate_action
+from reactor.windows import unreachable_threshold
 from reactor.yamlload import MarkedDict, MarkedList, load_file, plain
 
 RULE_KEYS = (
@@ -526,10 +527,6 @@ def load_rules(
 
 def rule_warnings(rule: Rule, catalog: Catalog) -> list[Diagnostic]:
     """Warnings about a compiled rule that are not errors (e.g. unreachable thresholds)."""
-    try:
-        from reactor.windows import unreachable_threshold
-    except ImportError:  # the windows module is optional at this layer's build time
-        return []
     message = unreachable_threshold(rule, catalog)
     return [Diagnostic(rule.location, message, "warning")] if message else []
 
