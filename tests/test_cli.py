@@ -107,3 +107,40 @@ def test_invalid_rules_stop_replay_with_located_error(tmp_path: Path) -> None:
     result = cli("replay", "-", "--rules", str(rules), stdin="")
     assert result.returncode == 1
     assert f"{rules}:4:33: error: 'with:' must be a mapping" in result.stderr
+
+
+def test_replay_execute_runs_actions_for_real(tmp_path: Path) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    got: list[dict[str, object]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        rules = tmp_path / "r.yaml"
+        rules.write_text(
+            "rules:\n  - name: bad-child\n    on: QUORUM_REPORT_BAD\n    actions:\n"
+            f"      - type: webhook\n        with: {{url: 'http://127.0.0.1:{server.server_port}/'}}\n"
+        )
+        recording = ROOT / "examples" / "events" / "quorum-bad.jsonl"
+        result = cli("replay", str(recording), "--rules", str(rules), "--execute")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2  # the dry-run lines are printed too
+    assert [b["rule"] for b in got] == ["bad-child", "bad-child"]
+    assert [b["event"]["seq"] for b in got] == [1, 2]  # type: ignore[index]
+    assert result.stderr.count("webhook ok rule=bad-child") == 2
