@@ -34,7 +34,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 Register = Callable[[ActionType], None]
 """The callback ``reactor_register_actions`` receives."""
 
-OutcomeStatus = Literal["ok", "retry", "failed", "dead", "suppressed"]
+OutcomeStatus = Literal["ok", "retry", "failed", "dead", "suppressed", "cancelled"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +43,8 @@ class ActionOutcome:
 
     ``status``: ``ok`` (done), ``retry`` (transient failure, another attempt is
     scheduled), ``failed`` (permanent failure), ``dead`` (out of retries, moved to
-    the dead letters), ``suppressed`` (not run, e.g. by a guard or dry run).
+    the dead letters), ``suppressed`` (not run, e.g. by a guard or dry run),
+    ``cancelled`` (stopped by a newer firing of a ``mode: restart`` rule).
     ``error`` is the failure message with secrets already redacted.
     """
 
