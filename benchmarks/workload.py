@@ -27,7 +27,8 @@ EVENT_SHAPES = [
     ("RESET", lambda r: {"guest": True, "reason": "guest-reset"}),
     ("SHUTDOWN", lambda r: {"guest": True, "reason": "guest-shutdown"}),
     ("BALLOON_CHANGE", lambda r: {"actual": r.randrange(1 << 30)}),
-    ("RTC_CHANGE", lambda r: {"offset": r.randrange(100), "qom-path": "/machine/unattached/device[8]"}),
+    ("RTC_CHANGE", lambda r: {"offset": r.randrange(100),
+        "qom-path": "/machine/unattached/device[8]"}),
     ("REACTOR_DISCONNECTED", lambda r: {"shutdown_seen": r.random() < 0.5, "reason": "EOF",
         "address": "/run/qemu/x.qmp"}),
 ]  # fmt: skip
@@ -56,11 +57,21 @@ def generated_rules(count: int, seed: int = 11) -> str:
     r = random.Random(seed)
     names = [n for n, _ in EVENT_SHAPES]
     conds = {
-        "QUORUM_REPORT_BAD": ["{path: $.data.node-name, equals: r1}", "{path: $.data.type, in: [read, write]}", "{path: $.data.sector-num, gt: 1000}"],
-        "VSERPORT_CHANGE": ["{path: $.data.open, equals: false}", "{path: $.data.id, matches: '^port[12]$'}"],
-        "BLOCK_IO_ERROR": ["{path: $.data.nospace, equals: true}", "{path: $.data.operation, equals: write}"],
+        "QUORUM_REPORT_BAD": [
+            "{path: $.data.node-name, equals: r1}",
+            "{path: $.data.type, in: [read, write]}",
+            "{path: $.data.sector-num, gt: 1000}",
+        ],
+        "VSERPORT_CHANGE": [
+            "{path: $.data.open, equals: false}",
+            "{path: $.data.id, matches: '^port[12]$'}",
+        ],
+        "BLOCK_IO_ERROR": [
+            "{path: $.data.nospace, equals: true}",
+            "{path: $.data.operation, equals: write}",
+        ],
         "BALLOON_CHANGE": ["{path: $.data.actual, lt: 536870912}"],
-    }  # fmt: skip
+    }
     # Rules aimed at groups of VMs, as operators write them: most events match
     # an event name somewhere but few rules' conditions.
     vm_filters = [
