@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import Any, cast
+from typing import Any
 
 from pydantic import BaseModel
 from tenacity import (
@@ -50,8 +50,8 @@ Render = Callable[[Invocation, ActionType], Awaitable[BaseModel] | BaseModel]
 Emit = Callable[[str, str, dict[str, Any]], None]
 Sleep = Callable[[float], Awaitable[None]]
 ACTION_FAILED = "REACTOR_ACTION_FAILED"
-# Not (yet) in hookspecs.OutcomeStatus: a run cancelled by ``mode: restart``.
-CANCELLED = cast(OutcomeStatus, "cancelled")
+CANCELLED: OutcomeStatus = "cancelled"
+"""The outcome of a run cancelled by ``mode: restart``."""
 
 
 class _HonourRetryAfter(wait_base):
