@@ -15,6 +15,8 @@ from pydantic import ValidationError
 from reactor.actions.base import ActionSettings, ActionType, CheckContext
 from reactor.errors import Diagnostic, Location
 from reactor.model import ActionSpec
+from reactor.secrets import secret_warnings
+from reactor.templates import template_problems
 
 
 def _where(spec: ActionSpec, loc: tuple[Any, ...], *, key: bool = False) -> Location:
@@ -47,14 +49,15 @@ def _pydantic_problems(kind: ActionType, spec: ActionSpec) -> tuple[Any, list[Di
 
 
 def _template_problems(spec: ActionSpec) -> list[Diagnostic]:
-    try:
-        from reactor.templates import template_problems
-    except ImportError:
-        return []
-    return [
+    errors = [
         Diagnostic(_where(spec, path), f"{spec.type}: {message}")
         for path, message in template_problems(spec.params)
     ]
+    warnings = [
+        Diagnostic(_where(spec, path), f"{spec.type}: {message}", "warning")
+        for path, message in secret_warnings(spec.params)
+    ]
+    return errors + warnings
 
 
 def validate_action(

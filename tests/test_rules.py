@@ -223,3 +223,17 @@ def test_every_problem_of_a_file_is_reported(tmp_path: Path) -> None:
     )
     found = problems(tmp_path, text)
     assert [p.split(":")[0] for p in found] == ["3", "7"]
+
+
+def test_template_and_secret_problems_are_located(tmp_path: Path) -> None:
+    text = (
+        "rules:\n  - name: r\n    on: STOP\n    actions:\n      - type: webhook\n"
+        "        with:\n          url: 'http://127.0.0.1/{{ vm'\n"
+        "          secret: ${env:QMP_REACTOR_TEST_UNSET_SECRET}\n"
+    )
+    found = problems(tmp_path, text)
+    assert any(p.startswith("7:16: error: webhook: ") for p in found), found
+    assert (
+        "8:19: warning: webhook: environment variable QMP_REACTOR_TEST_UNSET_SECRET of "
+        "${env:QMP_REACTOR_TEST_UNSET_SECRET} is not set"
+    ) in found
