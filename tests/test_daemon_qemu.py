@@ -146,3 +146,30 @@ def test_run_with_bad_config_is_one_clean_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith(f"{config}:3:19: error: 'actions.exec.enabled'")
     assert "Traceback" not in result.stderr
+
+
+def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
+    log = tmp_path / "sidecar.log"
+    rules = tmp_path / "r.yaml"
+    rules.write_text("rules:\n  - name: stopped\n    on: STOP\n    actions: [{type: log}]\n")
+    with ThrowawayQemu(name="vm2", extra_qmp=["vm2"]) as q, log.open("w") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "reactor", "run", "--qmp", str(q.qmp_socket("vm2")),
+             "--rules", str(rules), "--state-dir", str(tmp_path / "state"), "-v",
+             "--log-format", "json", "--plugin-dir", str(tmp_path / "none")],
+            stderr=logf,
+        )  # fmt: skip
+        try:
+            _wait_log(log, "REACTOR_CONNECTED")
+            q.qmp.execute("stop")
+            _wait_log(log, '"outcome":"ok"')
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    events = [r for r in records if r["logger"] == "reactor.event"]
+    assert [r["event"] for r in events][:2] == ["REACTOR_CONNECTED", "STOP"]
+    assert {r["vm"] for r in events} == {"vm2"}
+    actions = [r for r in records if r["logger"] == "reactor.action"]
+    assert actions and actions[0]["rule"] == "stopped" and actions[0]["outcome"] == "ok"
+    assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
