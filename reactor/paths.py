@@ -13,7 +13,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
-from jsonpath_ng.ext import parse as _jsonpath_parse
+from jsonpath_ng.ext.parser import parse as _jsonpath_parse
 
 from reactor.model import CompiledPath
 
