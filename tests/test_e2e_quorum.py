@@ -8,7 +8,8 @@ sidecar's actions with QEMU's own deliveries:
 * five quick reads of a corrupted child: QEMU sends two QUORUM_REPORT_BAD (one at once, the
   last a second later with its original timestamp), and the rule fires exactly twice;
 * reads all through four seconds: every event QEMU delivers fires the rule, none is dropped by
-  the sidecar's own QEMU rate-limit stage, and none is delayed by more than ``MAX_DELAY``;
+  the sidecar's own QEMU rate-limit stage, and none is delayed by more than ``MAX_DELAY`` from
+  the sidecar reading it to its action starting (``MAX_DELAY_FROM_QEMU`` from QEMU's delivery);
 * QEMU killed with SIGKILL: REACTOR_DISCONNECTED with ``shutdown_seen`` false fires a rule, and
   after a restart REACTOR_CONNECTED follows within two seconds and events flow again.
 
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,7 +35,19 @@ from tests.support.tap import Event, EventTap
 pytestmark = pytest.mark.qemu
 
 MAX_DELAY = 0.05
-"""Seconds the sidecar may take from QEMU's delivery of an event to the start of its action."""
+"""Seconds the sidecar may take from reading an event to starting its action.
+
+Both ends are read on the sidecar's clock (the envelope's ``received_at``, the ``log`` action's
+record time), so this holds on a busy machine too. A stage that wrongly held an event would
+cost up to a second (QEMU's window).
+"""
+
+MAX_DELAY_FROM_QEMU = 0.15
+"""Seconds from the tap's receipt of an event to the sidecar's action starting.
+
+This also spans the scheduling of two processes (the test's tap thread and the sidecar) on a
+loaded two-core machine, so it is looser; still far below a held event's second.
+"""
 
 RECONNECT_WITHIN = 2.0
 """Seconds from QEMU being back to the sidecar's REACTOR_CONNECTED."""
@@ -44,20 +58,20 @@ rules:
     on: QUORUM_REPORT_BAD
     actions:
       - type: log
-        with: {{message: "bad read on {{{{ data['node-name'] }}}}"}}
+        with: {message: "bad read on {{ data['node-name'] }}"}
       - type: webhook
-        with: {{url: "{url}/bad"}}
+        with: {url: "URL/bad"}
   - name: up
     on: REACTOR_CONNECTED
     actions:
       - type: webhook
-        with: {{url: "{url}/up"}}
+        with: {url: "URL/up"}
   - name: vanished
     on: REACTOR_DISCONNECTED
-    when: {{path: $.data.shutdown_seen, equals: false}}
+    when: {path: $.data.shutdown_seen, equals: false}
     actions:
       - type: webhook
-        with: {{url: "{url}/gone"}}
+        with: {url: "URL/gone"}
 """
 
 
@@ -78,7 +92,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
         qemu = stack.enter_context(ThrowawayQemu(name="vm1", extra_qmp=["vm1", "tap"], quorum=True))
         tap = stack.enter_context(EventTap(qemu.qmp_socket("tap")))
         rules = tmp_path / "rules.yaml"
-        rules.write_text(RULES.format(url=receiver.url))
+        rules.write_text(RULES.replace("URL", receiver.url))
         sidecar = stack.enter_context(Sidecar(tmp_path, [qemu.qmp_socket("vm1")], [rules]))
         receiver.wait_for("/up", 1, timeout=30)
         yield Rig(qemu, tap, receiver, sidecar)
@@ -86,16 +100,39 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
         assert "Traceback" not in sidecar.log_text()
 
 
+@dataclass
+class Delays:
+    """Seconds per event: inside the sidecar, and from QEMU's delivery (log and webhook)."""
+
+    inside: list[float]
+    from_qemu: list[float]
+
+    def __str__(self) -> str:
+        return (
+            f"inside the sidecar max {max(self.inside) * 1000:.1f} ms, "
+            f"from QEMU's delivery max {max(self.from_qemu) * 1000:.1f} ms"
+        )
+
+
 def _delays(
-    delivered: list[tuple[float, Event]], hooks: list[Hook], logged: list[dict[str, float]]
-) -> list[float]:
-    """Per event, seconds from QEMU's delivery to the webhook's arrival and to the log line."""
+    delivered: list[tuple[float, Event]], hooks: list[Hook], logged: list[dict[str, Any]]
+) -> Delays:
+    """Match each delivered event with its webhook and log line (checking they are the same
+    event) and measure when the actions started."""
     assert len(hooks) == len(logged) == len(delivered)
-    out = []
+    delays = Delays([], [])
     for (arrival, event), hook, line in zip(delivered, hooks, logged, strict=True):
-        assert hook.body["event"]["timestamp"] == event["timestamp"]
-        out += [hook.arrival - arrival, line["time"] - arrival]
-    return out
+        envelope = hook.body["event"]
+        assert envelope["timestamp"] == event["timestamp"]
+        assert line["seq"] == envelope["seq"]
+        delays.inside.append(line["time"] - envelope["received_at"])
+        delays.from_qemu += [line["time"] - arrival, hook.arrival - arrival]
+    return delays
+
+
+def _check(delays: Delays) -> None:
+    assert max(delays.inside) < MAX_DELAY, delays
+    assert max(delays.from_qemu) < MAX_DELAY_FROM_QEMU, delays
 
 
 def test_five_quick_bad_reads_fire_twice(rig: Rig) -> None:
@@ -120,11 +157,13 @@ def test_five_quick_bad_reads_fire_twice(rig: Rig) -> None:
     stamps = [e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6 for e in (e1, e2)]
     assert 0 < stamps[1] - stamps[0] < 0.5
     delays = _delays(delivered, hooks, logged)
-    print(f"\nfive quick reads: delays {[f'{d * 1000:.1f}' for d in delays]} ms")
-    assert max(delays) < MAX_DELAY
+    print(f"\nfive quick reads: {delays}")
+    _check(delays)
 
 
 def test_steady_bad_reads_are_neither_dropped_nor_delayed(rig: Rig) -> None:
+    # QEMU's window always holds a newer report, so each second one arrives right at the edge
+    # of the sidecar's own window for the key: where a stage would wrongly hold or drop it.
     rig.qemu.corrupt_child("r1")
     end = time.monotonic() + 4.2
     while time.monotonic() < end:
@@ -138,10 +177,8 @@ def test_steady_bad_reads_are_neither_dropped_nor_delayed(rig: Rig) -> None:
     time.sleep(0.2)
     assert len(rig.receiver.hooks("/bad")) == len(delivered)
     delays = _delays(delivered, hooks, logged)
-    print(
-        f"\nsteady reads, {len(delivered)} events: delays {[f'{d * 1000:.1f}' for d in delays]} ms"
-    )
-    assert max(delays) < MAX_DELAY
+    print(f"\nsteady reads, {len(delivered)} events: {delays}")
+    _check(delays)
 
 
 def test_sigkill_then_restart_reconnects(rig: Rig) -> None:
