@@ -27,7 +27,9 @@ from reactor.errors import ConfigError, UserError
 from reactor.hookspecs import ActionOutcome
 from reactor.logs import setup_logging
 from reactor.matcher import RuleSet
+from reactor.metrics import Metrics, MetricsServer, Snapshot, snapshot_of, start_metrics_server
 from reactor.model import Envelope
+from reactor.permissions import config_paths_warnings
 from reactor.plugins import Plugins, load_plugins
 from reactor.rules import require_rules
 
@@ -95,15 +97,19 @@ class Daemon:
         self.opts = opts
         self.cfg = effective_config(opts)
         setup_logging(verbose=self.cfg.verbose, fmt=self.cfg.log_format)
+        self.state_dir = Path(self.cfg.state_dir) if self.cfg.state_dir else default_state_dir()
+        for warning in config_paths_warnings(self.cfg, opts.config, self.state_dir):
+            log.warning("%s", warning)  # before any plugin code runs
         self.plugins = load_plugins(
             plugin_dirs=[Path(d) for d in self.cfg.plugin_dirs], blocked=self.cfg.block_plugins
         )
         self.rules = load_rule_set(self.cfg, self.plugins)
-        self.state_dir = Path(self.cfg.state_dir) if self.cfg.state_dir else default_state_dir()
         self.stop_requested = asyncio.Event()
         self.reload_requested = asyncio.Event()
         self.conns: ConnectionManager | None = None
         self.reactor: Reactor | None = None
+        self.metrics = Metrics(self.snapshot)
+        self.metrics_server: MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- wiring ------------------------------------------------------------------------
@@ -117,6 +123,7 @@ class Daemon:
                 env.get("data"),
                 extra={"vm": env["vm"], "event": env["event"], "seq": env.get("seq")},
             )
+        self.metrics.event(env["vm"], env["event"])
         assert self.reactor is not None
         self.reactor.feed(env)
 
@@ -144,10 +151,18 @@ class Daemon:
                 extra={"rule": outcome.rule, "action": outcome.action, "vm": outcome.vm,
                        "outcome": outcome.status, "invocation": outcome.invocation_id},
             )  # fmt: skip
+        self.metrics.outcome(outcome)
         self.plugins.action_outcome(outcome)
 
     def _observe(self, env: Envelope) -> None:
         self.plugins.event(env)
+
+    def snapshot(self) -> Snapshot:
+        """The state metrics and /healthz report."""
+        if self.reactor is None:
+            return Snapshot(rules=len(self.rules))
+        conns = self.conns.connections() if self.conns is not None else []
+        return snapshot_of(self.reactor, conns, len(self.rules))
 
     # -- life --------------------------------------------------------------------------
     async def run(self) -> int:
@@ -190,6 +205,7 @@ class Daemon:
         )
         await self.plugins.startup(cfg.actions.settings())
         await self.reactor.start()
+        self.metrics_server = await start_metrics_server(self.metrics, cfg.metrics)
         names = cfg.vm_names()
         for address in cfg.qmp:
             self.conns.add(address, names.get(address))
@@ -197,6 +213,8 @@ class Daemon:
             self._tasks.append(asyncio.create_task(self.conns.watch_globs(cfg.qmp_glob)))
         if cfg.listen:
             self._tasks.append(asyncio.create_task(self.conns.listen(cfg.listen)))
+        await asyncio.sleep(0)  # let the listener bind: a bad address stops us before "ready"
+        self._check_tasks()
         log.info(
             "ready: %d rules, %d sockets, %d globs%s, state in %s",
             len(self.rules),
@@ -206,13 +224,21 @@ class Daemon:
             self.state_dir,
         )
 
+    def _check_tasks(self) -> None:
+        """Raise the error of a background task (listener, glob watcher) that ended."""
+        for task in self._tasks:
+            if task.done():
+                task.result()
+                raise RuntimeError(f"background task {task.get_name()} ended")
+
     async def _serve(self) -> None:
         while not self.stop_requested.is_set():
             stop = asyncio.create_task(self.stop_requested.wait())
             reload = asyncio.create_task(self.reload_requested.wait())
-            await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({stop, reload, *self._tasks}, return_when=asyncio.FIRST_COMPLETED)
             for t in (stop, reload):
                 t.cancel()
+            self._check_tasks()
             if self.reload_requested.is_set() and not self.stop_requested.is_set():
                 self.reload_requested.clear()
                 self.reload()
@@ -243,6 +269,8 @@ class Daemon:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         if self.conns is not None:
             await self.conns.aclose()
         if self.reactor is not None:

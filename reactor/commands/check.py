@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from reactor.commands._common import (
@@ -12,6 +13,8 @@ from reactor.commands._common import (
     print_diagnostics,
     rule_paths,
 )
+from reactor.config import load_config
+from reactor.permissions import obeyed_paths_warnings
 from reactor.rules import load_rules
 
 
@@ -22,16 +25,33 @@ def register(sub: Any) -> None:
     )
     p.add_argument("paths", nargs="*", metavar="PATH", help="rule files or directories")
     p.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="configuration file: validated, its action settings apply, its rules and "
+        "plugin directories are the defaults",
+    )
     add_plugin_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Check the rules; 0 when all is well, 1 on any error."""
+    cfg = load_config(args.config) if args.config is not None else None
+    if cfg is not None and not args.plugin_dir:
+        args.plugin_dir = list(cfg.plugin_dirs)
+    paths = rule_paths(args.paths or (cfg.rules if cfg is not None else None))
+    # Before any plugin code runs: a plugin others can write is worth knowing about first.
+    warnings = obeyed_paths_warnings(
+        config_file=args.config,
+        rules=paths,
+        plugin_dirs=[Path(d) for d in (args.plugin_dir or ["plugins"])],
+    )
     action_types, _ = load_action_types(args)
-    paths = rule_paths(args.paths)
-    ruleset, diags = load_rules(paths, action_types=action_types, settings=default_settings())
-    errors = print_diagnostics(diags, strict=args.strict)
+    settings = cfg.actions.settings() if cfg is not None else default_settings()
+    ruleset, diags = load_rules(paths, action_types=action_types, settings=settings)
+    errors = print_diagnostics([*warnings, *diags], strict=args.strict)
     if errors:
         return 1
     files = {r.location.file for r in ruleset.rules}
