@@ -120,6 +120,8 @@ def _delays(
     """Match each delivered event with its webhook and log line (checking they are the same
     event) and measure when the actions started."""
     assert len(hooks) == len(logged) == len(delivered)
+    hooks = sorted(hooks, key=lambda h: int(h.body["event"]["seq"]))
+    logged = sorted(logged, key=lambda line: int(line["seq"]))
     delays = Delays([], [])
     for (arrival, event), hook, line in zip(delivered, hooks, logged, strict=True):
         envelope = hook.body["event"]
