@@ -1,17 +1,19 @@
 """End to end: ``qmp-reactor run`` against a real QEMU with a quorum disk.
 
-The sidecar runs as a subprocess on its own QMP monitor. An ``EventTap`` on a second monitor
-sees what QEMU delivered and when (QEMU sends each event to every monitor at once), and a
-loopback webhook receiver sees what the sidecar did and when. So the tests compare the
-sidecar's actions with QEMU's own deliveries:
+The sidecar runs as a subprocess on its own QMP monitor, with the default rule pack and
+``RULES``. An ``EventTap`` on a second monitor sees what QEMU delivered and when (QEMU sends
+each event to every monitor at once), and a loopback webhook receiver sees what the sidecar did
+and when. So the tests compare the sidecar's actions with QEMU's own deliveries:
 
 * five quick reads of a corrupted child: QEMU sends two QUORUM_REPORT_BAD (one at once, the
-  last a second later with its original timestamp), and the rule fires exactly twice;
+  last a second later with its original timestamp), and the rule fires exactly twice (the
+  default pack's quorum-child-corrupt, throttled, once);
 * reads all through four seconds: every event QEMU delivers fires the rule, none is dropped by
   the sidecar's own QEMU rate-limit stage, and none is delayed by more than ``MAX_DELAY`` from
   the sidecar reading it to its action starting (``MAX_DELAY_FROM_QEMU`` from QEMU's delivery);
-* QEMU killed with SIGKILL: REACTOR_DISCONNECTED with ``shutdown_seen`` false fires a rule, and
-  after a restart REACTOR_CONNECTED follows within two seconds and events flow again.
+* QEMU killed with SIGKILL: REACTOR_DISCONNECTED with ``shutdown_seen`` false fires a rule (and
+  the default pack's vm-vanished), and after a restart REACTOR_CONNECTED follows within two
+  seconds and events flow again.
 
 Run with ``-s`` to see the measured delays and the reconnect time.
 """
@@ -29,7 +31,7 @@ import pytest
 
 from reactor.sandbox import ThrowawayQemu
 from tests.support.receiver import Hook, WebhookReceiver
-from tests.support.sidecar import Sidecar
+from tests.support.sidecar import DEFAULT_RULES, Sidecar
 from tests.support.tap import Event, EventTap
 
 pytestmark = pytest.mark.qemu
@@ -93,7 +95,9 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
         tap = stack.enter_context(EventTap(qemu.qmp_socket("tap")))
         rules = tmp_path / "rules.yaml"
         rules.write_text(RULES.replace("URL", receiver.url))
-        sidecar = stack.enter_context(Sidecar(tmp_path, [qemu.qmp_socket("vm1")], [rules]))
+        sidecar = stack.enter_context(
+            Sidecar(tmp_path, [qemu.qmp_socket("vm1")], [DEFAULT_RULES, rules])
+        )
         receiver.wait_for("/up", 1, timeout=30)
         yield Rig(qemu, tap, receiver, sidecar)
         assert sidecar.stop() == 0
@@ -132,6 +136,15 @@ def _delays(
     return delays
 
 
+def _notices(sidecar: Sidecar, rule: str) -> list[str]:
+    """Titles of the notices ``rule`` sent (the default pack's notify goes to the log here)."""
+    return [
+        str(r["message"]).split(": ")[0]
+        for r in sidecar.records()
+        if r.get("logger") == "reactor.notify" and r.get("rule") == rule
+    ]
+
+
 def _check(delays: Delays) -> None:
     assert max(delays.inside) < MAX_DELAY, delays
     assert max(delays.from_qemu) < MAX_DELAY_FROM_QEMU, delays
@@ -161,6 +174,8 @@ def test_five_quick_bad_reads_fire_twice(rig: Rig) -> None:
     delays = _delays(delivered, hooks, logged)
     print(f"\nfive quick reads: {delays}")
     _check(delays)
+    # The default pack's rule throttles to one notice per child in ten minutes.
+    assert _notices(rig.sidecar, "quorum-child-corrupt") == ["Quorum child r1 bad on vm1"]
 
 
 def test_steady_bad_reads_are_neither_dropped_nor_delayed(rig: Rig) -> None:
@@ -191,6 +206,7 @@ def test_sigkill_then_restart_reconnects(rig: Rig) -> None:
     assert gone["vm"] == "vm1"
     assert gone["data"]["shutdown_seen"] is False
     assert gone["data"]["reason"]
+    assert _notices(rig.sidecar, "vm-vanished") == ["vm1 went away without SHUTDOWN"]
 
     started = time.time()
     rig.qemu.restart()
