@@ -12,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from reactor.clock import Clock
-from reactor.matcher import RuleSet
+from reactor.matcher import Route, RuleSet, compile_route
 from reactor.model import Envelope, Firing, Rule
 from reactor.windows import QemuStage, RuleGate
 
 Sink = Callable[[Firing], object]
 Explain = Callable[[Envelope, Rule | None, str], None]
 """``explain(envelope, rule, message)``: why a rule did or did not fire (rule None: the event)."""
+
+_ROUTE_LIMIT = 4096
 
 
 class Engine:
@@ -42,6 +44,8 @@ class Engine:
         self.events_in = 0
         self.rules = rules
         self._gates: dict[str, RuleGate] = {}
+        self._routes: dict[str, Route] = {}
+        self._ways: dict[str, Route] = {}
         self._make_gates()
 
     def _make_gates(self) -> None:
@@ -50,6 +54,8 @@ class Engine:
             for r in self.rules.rules
             if r.throttle is not None or r.threshold is not None
         }
+        self._routes = {}
+        self._ways = {}
 
     def swap_rules(self, rules: RuleSet) -> None:
         """Use a new, fully validated rule set; window state of the old one is dropped."""
@@ -59,9 +65,28 @@ class Engine:
     def feed(self, env: Envelope) -> None:
         """Take one envelope (the only entry point, live and in replay)."""
         self.events_in += 1
-        if self.stage is None:
-            self._match(env)
-        elif not self.stage.push(env) and self.explain is not None:
+        way = self._ways.get(env["event"])
+        if way is None:
+            way = self._way(env["event"])
+        way(env)
+
+    def _way(self, event: str) -> Route:
+        """What ``feed`` does with ``event``: the stage first, or straight to the rules."""
+        way: Route
+        if self.stage is not None and self.stage.throttles(event):
+            way = self._staged
+        elif self.observe is None and self.explain is None:
+            way = self._route(event)
+        else:
+            way = self._match
+        if len(self._ways) >= _ROUTE_LIMIT:
+            self._ways.clear()
+        self._ways[event] = way
+        return way
+
+    def _staged(self, env: Envelope) -> None:
+        assert self.stage is not None
+        if not self.stage.push(env) and self.explain is not None:
             self.explain(env, None, "held by QEMU's rate limit (1 per second per key)")
 
     def drop_vm(self, vm: str) -> None:
@@ -83,13 +108,19 @@ class Engine:
         if self.explain is not None:
             self._match_explained(env)
             return
-        gates = self._gates
-        for rule in self.rules.matcher(env["event"])(env):
-            gate = gates.get(rule.name) if gates else None
-            if gate is None:
-                self.sink(Firing(rule, env, self.clock.now(), {"count": 1}))
-            else:
-                gate.push(env)
+        route = self._routes.get(env["event"])
+        if route is None:
+            route = self._route(env["event"])
+        route(env)
+
+    def _route(self, event: str) -> Route:
+        """The compiled way of ``event`` through the rules, cached (bounded: peers name events)."""
+        gates = {name: gate.push for name, gate in self._gates.items()}
+        route = compile_route(self.rules.candidates(event), self.clock.now, self.sink, gates)
+        if len(self._routes) >= _ROUTE_LIMIT:
+            self._routes.clear()
+        self._routes[event] = route
+        return route
 
     def _match_explained(self, env: Envelope) -> None:
         """The slow path for ``--explain``: every rule is tested and the reason said."""

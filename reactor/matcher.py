@@ -10,12 +10,12 @@ hot path makes no call per rule and no list per path.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from reactor.conditions import SourceBuilder
-from reactor.model import Envelope, Rule
+from reactor.model import Envelope, Firing, Rule
 
 Matcher = Callable[[Envelope], list[Rule]]
 
@@ -65,19 +65,65 @@ def compile_matcher(rules: tuple[Rule, ...]) -> Matcher:
     """One generated function testing every rule's condition; returns those that hold."""
     if not rules:
         return lambda env: []
+    fn: Matcher = _generate(rules, {}, "out = []", lambda i, rule: f"out.append(RULE{i})", "out")
+    return fn
+
+
+Route = Callable[[Envelope], None]
+
+
+def compile_route(
+    rules: tuple[Rule, ...],
+    now: Callable[[], float],
+    sink: Callable[[Firing], object],
+    gates: Mapping[str, Callable[[Envelope], object]],
+) -> Route:
+    """One generated function taking an envelope through ``rules`` in file order.
+
+    Each rule whose condition holds goes to its gate (``gates[rule.name]``, for
+    rules with a threshold or throttle) or straight to ``sink`` as a ``Firing``
+    with ``count`` 1 at ``now()``: no list is built, no call made for a rule
+    that does not match.
+    """
+    if not rules:
+        return _ignore
+    names: dict[str, Any] = {"SINK": sink, "FIRING": Firing, "NOW": now}
+    names.update((f"GATE{i}", gates[r.name]) for i, r in enumerate(rules) if r.name in gates)
+
+    def action(i: int, rule: Rule) -> str:
+        if rule.name in gates:
+            return f"GATE{i}(env)"
+        return f'SINK(FIRING(RULE{i}, env, NOW(), {{"count": 1}}))'
+
+    fn: Route = _generate(rules, names, "", action, "None")
+    return fn
+
+
+def _ignore(env: Envelope) -> None:
+    pass
+
+
+def _generate(
+    rules: tuple[Rule, ...],
+    names: dict[str, Any],
+    head: str,
+    action: Callable[[int, Rule], str],
+    result: str,
+) -> Any:
+    """Compile ``def f(env)``: each plain path read once, ``head``, a test per rule, ``result``."""
     b = SourceBuilder()
-    ns: dict[str, Any] = b.ns
+    b.ns.update(names)
     tests = []
     for i, rule in enumerate(rules):
-        ns[f"RULE{i}"] = rule
+        b.ns[f"RULE{i}"] = rule
         if rule.when is None:
-            tests.append(f"    out.append(RULE{i})")
+            tests.append(f"    {action(i, rule)}")
         else:
-            tests.append(f"    if {b.expr(rule.when)}:\n        out.append(RULE{i})")
-    src = "\n".join(["def match(env):", *b.prologue(), "    out = []", *tests, "    return out"])
-    exec(compile(src + "\n", "<rules>", "exec"), ns)  # our own generated source only
-    fn: Matcher = ns["match"]
-    return fn
+            tests.append(f"    if {b.expr(rule.when)}:\n        {action(i, rule)}")
+    lines = ["def f(env):", *b.prologue(), *([f"    {head}"] if head else []), *tests]
+    src = "\n".join([*lines, f"    return {result}", ""])
+    exec(compile(src, "<rules>", "exec"), b.ns)  # our own generated source only
+    return b.ns["f"]
 
 
 def _covers(pattern: str, event: str) -> bool:

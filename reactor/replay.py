@@ -53,69 +53,94 @@ def _read_lines(path: Path) -> Iterator[str]:
 
 def event_time(ts: Any) -> float | None:
     """Seconds as a float from QEMU's ``{seconds, microseconds}``, or None if malformed."""
-    if not isinstance(ts, dict):
+    if ts.__class__ is not dict:
         return None
     s, us = ts.get("seconds"), ts.get("microseconds")
-    if type(s) is not int or type(us) is not int or s < 0 or not 0 <= us < 1_000_000:
+    if s.__class__ is not int or us.__class__ is not int or s < 0 or not 0 <= us < 1_000_000:
         return None
     return s + us / 1e6
 
 
-def parse_event(line: str, default_vm: str) -> Envelope:
+_NONE: Any = object()
+
+
+def parse_event(line: str | bytes, default_vm: str) -> Envelope:
     """One JSON line into a partial envelope; raises ValueError with what is wrong."""
+    # The hot path of a replay: exact type checks (orjson makes exact types), one
+    # lookup per field, and no allocation beyond the envelope itself.
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError as err:
         raise ValueError(f"invalid JSON at column {err.colno}: {err.msg}") from err
     if not isinstance(obj, dict):
         raise ValueError("a line must be a JSON object (one QMP event)")
-    event = obj.get("event")
+    get = obj.get
+    event = get("event")
     if not isinstance(event, str) or not event:
         raise ValueError("missing 'event' (the QMP event name)")
-    data = obj.get("data", {})
-    if not isinstance(data, dict):
-        raise ValueError("'data' must be an object")
-    when = event_time(obj.get("timestamp"))
+    data = get("data", _NONE)
+    if data.__class__ is not dict:
+        if data is not _NONE:
+            raise ValueError("'data' must be an object")
+        data = {}
+    ts = get("timestamp")
+    when = event_time(ts)
     if when is None:
         raise ValueError("missing or invalid 'timestamp' {seconds, microseconds}")
-    vm = obj.get("vm", default_vm)
+    vm = get("vm", default_vm)
     if not isinstance(vm, str) or not vm:
         raise ValueError("'vm' must be a non-empty string")
     env: Envelope = {
         "event": event,
         "data": data,
-        "timestamp": obj["timestamp"],
+        "timestamp": ts,
         "vm": vm,
-        "host": obj.get("host", "replay"),
+        "host": get("host", "replay"),
         "received_at": when,
     }
-    if isinstance(obj.get("caused_by"), dict):
-        env["caused_by"] = obj["caused_by"]
+    caused_by = get("caused_by")
+    if isinstance(caused_by, dict):
+        env["caused_by"] = caused_by
     return env
 
 
 @dataclass
 class ReplayResult:
-    """What a replay saw: events read, firings, and the bad lines."""
+    """What a replay saw: events read, firings (unless not collected), and the bad lines."""
 
     events: int = 0
     firings: list[Firing] = field(default_factory=list)
     problems: list[Diagnostic] = field(default_factory=list)
 
 
-def _events(
+def _parsed(
     inp: ReplayInput, order: int, problems: list[Diagnostic]
 ) -> Iterator[tuple[float, int, int, Envelope]]:
+    """(time, input order, line number, envelope) of each good line; bad ones are problems."""
+    name, vm = inp.name, inp.vm
     for lineno, line in enumerate(inp.lines, 1):
-        if not line.strip():
-            continue
         try:
-            env = parse_event(line, inp.vm)
+            env = parse_event(line, vm)
         except ValueError as err:
-            problems.append(Diagnostic(Location(inp.name, lineno), str(err)))
+            _problem(problems, inp, lineno, line, err)
             continue
-        env["source"] = inp.name
+        env["source"] = name
         yield env["received_at"], order, lineno, env
+
+
+def _problem(
+    problems: list[Diagnostic], inp: ReplayInput, lineno: int, line: str, err: ValueError
+) -> None:
+    # Blank lines are skipped: they are told apart only once they failed to parse.
+    if line.strip():
+        problems.append(Diagnostic(Location(inp.name, lineno), str(err)))
+
+
+def _merged(inputs: list[ReplayInput], problems: list[Diagnostic]) -> Iterator[Envelope]:
+    """Envelopes of several inputs by time, then input order, then line order."""
+    streams = [_parsed(inp, order, problems) for order, inp in enumerate(inputs)]
+    for _, _, _, env in heapq.merge(*streams, key=lambda i: i[:3]):
+        yield env
 
 
 def replay(
@@ -126,26 +151,86 @@ def replay(
     qemu_stage: bool = True,
     explain: Explain | None = None,
     observe: Callable[[Envelope], None] | None = None,
+    collect: bool = True,
 ) -> ReplayResult:
-    """Run ``inputs`` through ``rules`` on a virtual clock; firings go to ``sink``."""
+    """Run ``inputs`` through ``rules`` on a virtual clock; firings go to ``sink``.
+
+    With ``collect`` the result also keeps every firing; without it a replay's
+    memory does not grow with its input (the firings only reach ``sink``).
+    """
     result = ReplayResult()
     clock = VirtualClock()
-
-    def collect(firing: Firing) -> None:
-        result.firings.append(firing)
-        if sink is not None:
-            sink(firing)
-
-    engine = Engine(rules, clock, collect, qemu_stage=qemu_stage, explain=explain, observe=observe)
-    streams = [_events(inp, i, result.problems) for i, inp in enumerate(inputs)]
-    merged = streams[0] if len(streams) == 1 else heapq.merge(*streams, key=lambda i: i[:3])
-    for _, _, _, env in merged:
-        result.events += 1
-        env["seq"] = result.events
-        clock.advance(env["received_at"])
-        engine.feed(env)
+    engine = Engine(
+        rules,
+        clock,
+        _firing_sink(result.firings, sink, collect),
+        qemu_stage=qemu_stage,
+        explain=explain,
+        observe=observe,
+    )
+    if len(inputs) == 1:
+        result.events = _feed_one(inputs[0], engine.feed, clock, result.problems)
+    else:
+        result.events = _feed_merged(inputs, engine.feed, clock, result.problems)
     clock.drain()
     return result
+
+
+def _feed_one(
+    inp: ReplayInput,
+    feed: Callable[[Envelope], None],
+    clock: VirtualClock,
+    problems: list[Diagnostic],
+) -> int:
+    """One input in file order: the common case, as one loop (no generator per event)."""
+    name, vm, advance = inp.name, inp.vm, clock.advance
+    seq = 0
+    for lineno, line in enumerate(inp.lines, 1):
+        try:
+            env = parse_event(line, vm)
+        except ValueError as err:
+            _problem(problems, inp, lineno, line, err)
+            continue
+        seq += 1
+        env["source"] = name
+        env["seq"] = seq
+        advance(env["received_at"])
+        feed(env)
+    return seq
+
+
+def _feed_merged(
+    inputs: list[ReplayInput],
+    feed: Callable[[Envelope], None],
+    clock: VirtualClock,
+    problems: list[Diagnostic],
+) -> int:
+    seq = 0
+    for env in _merged(inputs, problems):
+        seq += 1
+        env["seq"] = seq
+        clock.advance(env["received_at"])
+        feed(env)
+    return seq
+
+
+def _firing_sink(
+    firings: list[Firing], sink: Callable[[Firing], None] | None, collect: bool
+) -> Callable[[Firing], None]:
+    if not collect:
+        return sink if sink is not None else _discard
+    if sink is None:
+        return firings.append
+
+    def both(firing: Firing) -> None:
+        firings.append(firing)
+        sink(firing)
+
+    return both
+
+
+def _discard(firing: Firing) -> None:
+    pass
 
 
 def firing_lines(firing: Firing) -> list[dict[str, Any]]:
@@ -165,29 +250,66 @@ def _json_text(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+_TEXT_CACHE_LIMIT = 4096
+
+
+def time_text(t: float) -> str:
+    """``repr(round(t, 6))``, the dry run's time, computed without float formatting when exact.
+
+    For ``1 <= t < 2**32`` a double's spacing is under 1e-6 and ``t * 1e6`` is
+    within 0.25 of the exact product, so when that product is within 0.25 of an
+    integer ``k``, ``round(t, 6)`` is the double nearest ``k / 10**6``, whose
+    shortest repr is that decimal without trailing zeros.
+    """
+    if 1.0 <= t < 4294967296.0:
+        x = t * 1e6
+        k = round(x)
+        if -0.25 < x - k < 0.25:
+            whole, frac = divmod(k, 1_000_000)
+            return f"{whole}.{frac:06d}".rstrip("0") if frac else f"{whole}.0"
+    return repr(round(t, 6))
+
+
 class DryRunWriter:
-    """Writes ``firing_lines`` as JSON text, fast: each rule's part is encoded once."""
+    """Writes ``firing_lines`` as JSON text, fast: each rule's part is encoded once.
+
+    VM and event names are encoded once too (a bounded cache: names come from peers),
+    and so is the time that several firings of one event share.
+    """
 
     def __init__(self, out: IO[str]) -> None:
         self.write = out.write
         self._parts: dict[int, tuple[str, ...]] = {}
+        self._text: dict[str, str] = {}
+        self._time = -1.0
+        self._time_text = ""
 
     def _rule_parts(self, firing: Firing) -> tuple[str, ...]:
         rule = firing.rule
-        parts = self._parts.get(id(rule))
-        if parts is None:
-            name = _json_text(rule.name)
-            parts = tuple(
-                f', "rule": {name}, "action": {_json_text(a.type)}, "vm": ' for a in rule.actions
-            )
-            self._parts[id(rule)] = parts
+        name = _json_text(rule.name)
+        parts = tuple(
+            f', "rule": {name}, "action": {_json_text(a.type)}, "vm": ' for a in rule.actions
+        )
+        self._parts[id(rule)] = parts
         return parts
+
+    def _encoded(self, name: str) -> str:
+        text = self._text
+        if len(text) >= _TEXT_CACHE_LIMIT:
+            text.clear()
+        found = text[name] = _json_text(name)
+        return found
 
     def __call__(self, firing: Firing) -> None:
         env = firing.envelope
-        tail = (
-            f'{_json_text(env["vm"])}, "event": {_json_text(env["event"])}, "seq": {env["seq"]}}}\n'
-        )
-        head = '{"time": ' + repr(round(firing.time, 6))
-        for part in self._rule_parts(firing):
-            self.write(head + part + tail)
+        vm, event = env["vm"], env["event"]
+        text = self._text
+        vm_text = text.get(vm) or self._encoded(vm)
+        event_text = text.get(event) or self._encoded(event)
+        if firing.time != self._time:
+            self._time = firing.time
+            self._time_text = time_text(firing.time)
+        parts = self._parts.get(id(firing.rule)) or self._rule_parts(firing)
+        tail = f'{vm_text}, "event": {event_text}, "seq": {env["seq"]}}}\n'
+        for part in parts:
+            self.write(f'{{"time": {self._time_text}{part}{tail}')

@@ -2,8 +2,10 @@
 
 This is the room between rule matching and dispatch where time matters. It is
 pure and clock-driven: the only time source is a ``Clock`` (``VirtualClock`` in
-replay, ``AsyncioClock`` live), and every window is a clock timer, so a state
-lives exactly as long as its window and nothing is left once all windows ended.
+replay, ``AsyncioClock`` live). A state lives as long as its window: ended
+windows are settled lazily (``reactor.windowsets``), before the next event of
+their set, by ``len()``, or by the set's one clock timer, so nothing is left
+once all windows ended and a clock has been drained.
 
 - ``QemuStage``: QEMU's own per-VM rate limit (monitor/monitor.c) for the event
   types QEMU throttles, keyed as QEMU keys them (the catalog's throttle keys).
@@ -15,6 +17,8 @@ lives exactly as long as its window and nothing is left once all windows ended.
 Windows are half-open: a window opened at ``t`` covers ``[t, t + window)``. A
 clock runs the timers due at a moment before an event pushed at that moment,
 so an event at exactly ``t + window`` belongs to whatever follows the window.
+Windows of one set that end at the same instant end in the order they opened;
+across sets (the stage, each rule's gate), in the order of the sets' timers.
 """
 
 from __future__ import annotations
@@ -22,24 +26,18 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from reactor.catalog import Catalog, load_catalog
-from reactor.clock import Clock, TimerHandle
+from reactor.clock import Clock
 from reactor.model import CompiledPath, Envelope, Firing, Rule
+from reactor.windowsets import OnceAfter, OnceWithin, QemuWindows, Threshold, Throttle, secs
 
 QEMU_RATE = 1.0
 """Seconds between two events of one QEMU throttle key (monitor.c: 1e9 ns, every type)."""
 
-_Out = Callable[[Envelope, int], None]
 _KeyFunc = Callable[[Envelope], Hashable]
-
-
-def _secs(window: float) -> str:
-    return f"{window:g}s"
 
 
 def _freeze(values: list[Any]) -> Hashable:
@@ -63,217 +61,10 @@ def _keyfunc(paths: Sequence[CompiledPath]) -> _KeyFunc:
     return lambda env: tuple([_freeze(f(env)) for f in finds])
 
 
-class _Slot:
-    """One key's window: its VM, the timer ending it, a held event and the events folded in."""
-
-    __slots__ = ("count", "env", "timer", "vm")
-
-    def __init__(self, vm: str, env: Envelope | None = None, count: int = 0) -> None:
-        self.vm = vm
-        self.env = env
-        self.count = count
-        self.timer: TimerHandle | None = None
-
-
-class _Tally(_Slot):
-    """A threshold key's arrival times, oldest first, all younger than the window."""
-
-    __slots__ = ("times",)
-
-    def __init__(self, vm: str) -> None:
-        super().__init__(vm)
-        self.times: deque[float] = deque()
-
-
-S = TypeVar("S", bound=_Slot)
-
-
-class _Windows(Generic[S]):
-    """Keyed windows of one length on one clock; ``_end(key)`` runs when a window ends.
-
-    A state belongs to the VM of the latest event that reached it (keys that span
-    VMs are shared; ``drop_vm`` forgets those whose latest event came from the VM).
-    """
-
-    __slots__ = ("_clock", "_slots", "window")
-
-    def __init__(self, clock: Clock, window: float) -> None:
-        self._clock = clock
-        self.window = window
-        self._slots: dict[Hashable, S] = {}
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-    def drop_vm(self, vm: str) -> None:
-        # A scan, not a per-VM index: dropping a VM is rare, pushing is the hot path.
-        slots = self._slots
-        for key in [k for k, s in slots.items() if s.vm == vm]:
-            timer = slots.pop(key).timer
-            if timer is not None:
-                timer.cancel()
-
-    def _arm(self, key: Hashable, slot: S, when: float) -> None:
-        slot.timer = self._clock.call_at(when, partial(self._end, key))
-
-    def _open(self, key: Hashable, slot: S) -> None:
-        self._slots[key] = slot
-        self._arm(key, slot, self._clock.now() + self.window)
-
-    def _end(self, key: Hashable) -> None:
-        raise NotImplementedError
-
-
-class _Throttle(_Windows[_Slot]):
-    """Windows that send what passes to ``out(envelope, events folded in)``."""
-
-    __slots__ = ("_out", "_reason")
-    REASON = ""
-
-    def __init__(self, clock: Clock, window: float, out: _Out) -> None:
-        super().__init__(clock, window)
-        self._out = out
-        self._reason = self.REASON.format(_secs(window))
-
-    def offer(self, key: Hashable, env: Envelope) -> str | None:
-        """None if ``env`` went out now; else why not (for --explain)."""
-        raise NotImplementedError
-
-
-class _QemuWindows(_Throttle):
-    """QEMU's algorithm: first event out at once, then the last of each window at its end."""
-
-    __slots__ = ("holds", "replaced")
-    REASON = "held (qemu {})"
-
-    def __init__(self, clock: Clock, window: float, out: _Out) -> None:
-        super().__init__(clock, window, out)
-        self.holds = 0
-        self.replaced = 0
-
-    def offer(self, key: Hashable, env: Envelope) -> str | None:
-        """None if ``env`` went out now; else why it is held (it may yet be replaced)."""
-        slot = self._slots.get(key)
-        if slot is None:
-            self._open(key, _Slot(env["vm"]))
-            self._out(env, 1)
-            return None
-        self.holds += 1
-        if slot.env is not None:
-            self.replaced += 1
-        slot.env = env
-        slot.vm = env["vm"]
-        slot.count += 1
-        return self._reason
-
-    def _end(self, key: Hashable) -> None:
-        slot = self._slots[key]
-        env = slot.env
-        if env is None:
-            del self._slots[key]
-            return
-        count = slot.count
-        slot.env = None
-        slot.count = 0
-        # State is settled before emitting, so a callback that pushes again sees it.
-        self._arm(key, slot, self._clock.now() + self.window)
-        self._out(env, count)
-
-
-class _OnceWithin(_Throttle):
-    """First event fires at once; the rest of its window is dropped."""
-
-    __slots__ = ()
-    REASON = "throttled (once_within {})"
-
-    def offer(self, key: Hashable, env: Envelope) -> str | None:
-        """None if ``env`` fired now; else why it was dropped."""
-        slot = self._slots.get(key)
-        if slot is not None:
-            slot.vm = env["vm"]
-            return self._reason
-        self._open(key, _Slot(env["vm"]))
-        self._out(env, 1)
-        return None
-
-    def _end(self, key: Hashable) -> None:
-        del self._slots[key]
-
-
-class _OnceAfter(_Throttle):
-    """First event opens the window; at its end the last event fires, counting them all."""
-
-    __slots__ = ()
-    REASON = "held (once_after {}, "
-
-    def offer(self, key: Hashable, env: Envelope) -> str | None:
-        """Why ``env`` is held: it never fires at once."""
-        slot = self._slots.get(key)
-        if slot is None:
-            slot = _Slot(env["vm"], env, 1)
-            self._open(key, slot)
-        else:
-            slot.env = env
-            slot.vm = env["vm"]
-            slot.count += 1
-        n = slot.count
-        return f"{self._reason}{n} event{'' if n == 1 else 's'})"
-
-    def _end(self, key: Hashable) -> None:
-        slot = self._slots.pop(key)
-        if slot.env is not None:
-            self._out(slot.env, slot.count)
-
-
-class _Threshold(_Windows[_Tally]):
-    """Sliding-window counts per key; a key's state lives until its last event ages out."""
-
-    __slots__ = ("count",)
-
-    def __init__(self, clock: Clock, window: float, count: int) -> None:
-        super().__init__(clock, window)
-        self.count = count
-
-    def offer(self, key: Hashable, env: Envelope) -> str | None:
-        """None if ``env`` made ``count`` within the window (counting restarts); else why not."""
-        now = self._clock.now()
-        slot = self._slots.get(key)
-        if slot is None:
-            slot = _Tally(env["vm"])
-            self._open(key, slot)
-        else:
-            slot.vm = env["vm"]
-            self._age(slot.times, now)
-        times = slot.times
-        times.append(now)
-        n = len(times)
-        if n >= self.count:
-            # The slot stays until its timer so that resetting costs no cancel.
-            times.clear()
-            return None
-        return f"below threshold ({n}/{self.count} in {_secs(self.window)})"
-
-    def _age(self, times: deque[float], now: float) -> None:
-        # ``t + window <= now`` is the very sum the timer was set to, so a timer
-        # firing at its time always ages out its event, whatever float rounding does.
-        window = self.window
-        while times and times[0] + window <= now:
-            times.popleft()
-
-    def _end(self, key: Hashable) -> None:
-        slot = self._slots[key]
-        times = slot.times
-        self._age(times, self._clock.now())
-        if times:
-            self._arm(key, slot, times[-1] + self.window)
-        else:
-            del self._slots[key]
-
-
-_THROTTLES: dict[str, type[_Throttle]] = {
-    "once_within": _OnceWithin,
-    "once_after": _OnceAfter,
-    "qemu": _QemuWindows,
+_THROTTLES: dict[str, type[Throttle]] = {
+    "once_within": OnceWithin,
+    "once_after": OnceAfter,
+    "qemu": QemuWindows,
 }
 
 
@@ -301,7 +92,7 @@ class QemuStage:
         table = load_catalog().throttle_keys() if keys is None else keys
         # "" for "one state per type", so the hot path needs a single dict lookup.
         self._fields: dict[str, str] = {name: field or "" for name, field in table.items()}
-        self._windows = _QemuWindows(clock, window, self._out)
+        self._windows = QemuWindows(clock, window, self._out)
 
     def push(self, env: Envelope) -> bool:
         """True if ``env`` went to ``emit`` now; False if it is held (and may be replaced)."""
@@ -313,7 +104,14 @@ class QemuStage:
         value = env["data"].get(field) if field else None
         if value is not None and value.__class__ is not str:
             value = _freeze([value])
-        return self._windows.offer((env["vm"], event, value), env) is None
+        if self._windows.offer((env["vm"], event, value), env) is not None:
+            return False
+        self._emit(env)
+        return True
+
+    def throttles(self, event: str) -> bool:
+        """Whether events called ``event`` go through a window (else ``push`` emits at once)."""
+        return event in self._fields
 
     def drop_vm(self, vm: str) -> None:
         """Forget every state of ``vm``: its timers are cancelled, its held events dropped."""
@@ -365,11 +163,11 @@ class RuleGate:
         self._fire = fire
         threshold, throttle = rule.threshold, rule.throttle
         self._per_pass = threshold.count if threshold is not None else 1
-        self._threshold: _Threshold | None = None
+        self._threshold: Threshold | None = None
         self._threshold_key = _keyfunc(threshold.key if threshold is not None else ())
         if threshold is not None and threshold.count > 1:
-            self._threshold = _Threshold(clock, threshold.window, threshold.count)
-        self._throttle: _Throttle | None = None
+            self._threshold = Threshold(clock, threshold.window, threshold.count)
+        self._throttle: Throttle | None = None
         self._throttle_key = _keyfunc(throttle.key if throttle is not None else ())
         if throttle is not None:
             self._throttle = _THROTTLES[throttle.mode](clock, throttle.window, self._out)
@@ -381,10 +179,12 @@ class RuleGate:
             reason = self._threshold.offer(self._threshold_key(env), env)
             if reason is not None:
                 return reason
-        if self._throttle is None:
-            self._out(env, 1)
-            return None
-        return self._throttle.offer(self._throttle_key(env), env)
+        if self._throttle is not None:
+            reason = self._throttle.offer(self._throttle_key(env), env)
+            if reason is not None:
+                return reason
+        self._out(env, 1)
+        return None
 
     def drop_vm(self, vm: str) -> None:
         """Forget the states whose latest event came from ``vm``; held firings are dropped."""
@@ -457,8 +257,8 @@ def unreachable_threshold(rule: Rule, catalog: Catalog) -> str | None:
 def _unreachable_message(
     count: int, window: float, limit: int, types: list[str], keys: Mapping[str, str | None]
 ) -> str:
-    head = f"threshold count {count} can never be reached within {_secs(window)}"
-    tail = f"(at most {limit} in {_secs(window)})"
+    head = f"threshold count {count} can never be reached within {secs(window)}"
+    tail = f"(at most {limit} in {secs(window)})"
     if len(types) == 1:
         per = keys[types[0]] or "VM"
         return f"{head}: QEMU rate-limits {types[0]} to one event per second per {per} {tail}"
