@@ -111,9 +111,12 @@ class Daemon:
         self.metrics = Metrics(self.snapshot)
         self.metrics_server: MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
 
     # -- wiring ------------------------------------------------------------------------
     def _on_envelope(self, env: Envelope) -> None:
+        if self._closing:
+            return  # our own closing of the connections is no news about the VMs
         if events_log.isEnabledFor(logging.DEBUG):
             events_log.debug(
                 "%s %s seq=%s data=%s",
@@ -266,6 +269,7 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         log.info("stopping: no new actions; %.0fs grace for running ones", self.cfg.shutdown_grace)
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
