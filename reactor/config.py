@@ -7,7 +7,6 @@ Flags override the file. ``Config()`` with no file is a working default.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -188,12 +187,3 @@ def load_config(path: Path | None) -> Config:
         return Config.model_validate(plain(doc))
     except ValidationError as err:
         raise ConfigError("invalid configuration", _problems(err, doc, fallback)) from None
-
-
-def default_state_dir() -> Path:
-    """``/var/lib/qmp-reactor`` if it can be used, else ``./.qmp-reactor``."""
-    system = Path("/var/lib/qmp-reactor")
-    parent = system if system.exists() else system.parent
-    if os.access(parent, os.W_OK):
-        return system
-    return Path(".qmp-reactor")

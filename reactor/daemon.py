@@ -21,10 +21,11 @@ from typing import Any
 
 from reactor.app import Reactor
 from reactor.clock import AsyncioClock
-from reactor.config import Config, default_state_dir, load_config
+from reactor.config import Config, load_config
 from reactor.connections import ConnectionManager
 from reactor.errors import ConfigError, UserError
 from reactor.hookspecs import ActionOutcome
+from reactor.journal import default_state_dir
 from reactor.logs import setup_logging
 from reactor.matcher import RuleSet
 from reactor.metrics import Metrics, MetricsServer, Snapshot, snapshot_of, start_metrics_server
