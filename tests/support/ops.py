@@ -48,12 +48,19 @@ def signature_ok(secret: str, headers: Mapping[str, str], body: bytes, now: floa
     return scheme == "sha256" and fresh and hmac.compare_digest(expected.hexdigest(), given)
 
 
+Answer = Callable[[str, dict[str, str], bytes], tuple[int, bytes] | None]
+"""``answer(path, headers, body)``: a scripted (status, body), or None for the usual reply."""
+
+
 class Receiver:
     """A webhook receiver on a fixed loopback port that can go down and come back."""
 
-    def __init__(self, *, fail_first: int = 0, secret: str | None = None) -> None:
+    def __init__(
+        self, *, fail_first: int = 0, secret: str | None = None, answer: Answer | None = None
+    ) -> None:
         self.fail_first = fail_first
         self.secret = secret
+        self.answer = answer
         self.lock = threading.Condition()
         self.attempts: Counter[str] = Counter()
         self.delivered: Counter[str] = Counter()
@@ -76,10 +83,16 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status = receiver.record(dict(self.headers.items()), body)
+                headers = dict(self.headers.items())
+                status = receiver.record(headers, body)
+                reply = b""
+                scripted = receiver.answer and receiver.answer(self.path, headers, body)
+                if scripted:
+                    status, reply = scripted
                 self.send_response(status)
-                self.send_header("Content-Length", "0")
+                self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
+                self.wfile.write(reply)
 
             def log_message(self, format: str, *args: object) -> None:
                 pass
