@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         qemu_stage=not args.no_qemu_stage,
         explain=_explainer if args.explain else None,
         observe=_explain_event if args.explain else None,
+        collect=False,
     )
     sys.stdout.flush()
     for problem in result.problems:
