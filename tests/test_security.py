@@ -377,3 +377,46 @@ def test_run_warns_before_it_loads_plugins(tmp_path: Path) -> None:
     assert f"{state}: warning: writable by other users (mode 0777" in log
     assert "the journal decides which actions run" in log
     assert plugin_warning < log.index("PLUGIN RAN") < log.index("ready: 1 rules")
+
+
+# -- the example systemd unit -----------------------------------------------------------
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_the_example_unit_is_unprivileged_and_sandboxed(tmp_path: Path) -> None:
+    from reactor.cli import build_parser
+    from reactor.config import load_config
+    from reactor.durations import parse_duration
+
+    examples = REPO / "examples" / "systemd"
+    unit = unit_settings(examples / "qmp-reactor.service")
+    for key, value in {
+        "User": "qmp-reactor", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
+        "ProtectHome": "yes", "PrivateTmp": "yes", "CapabilityBoundingSet": "",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6", "StateDirectory": "qmp-reactor",
+        "StateDirectoryMode": "0700", "ReadWritePaths": "/run/qemu-qmp", "UMask": "0077",
+    }.items():  # fmt: skip
+        assert unit[key] == [value], key
+    assert "@system-service" in unit["SystemCallFilter"]
+    # ExecStart is a command line this version understands, with the example configuration.
+    argv = unit["ExecStart"][0].split()
+    assert argv[0].endswith("/qmp-reactor")
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "run" and args.state_dir == "${STATE_DIRECTORY}"
+    config = load_config(examples / "config.yaml")
+    assert parse_duration(unit["TimeoutStopSec"][0]) > config.shutdown_grace + 5
+    assert not config.actions.settings().exec_enabled
+    assert config.metrics.listen == "127.0.0.1:9105" and config.listen is None
+    result = cli("check", str(REPO / "reactor" / "data" / "rules"), "--config",
+                 str(examples / "config.yaml"), "--plugin-dir", str(tmp_path / "none"))  # fmt: skip
+    assert (result.returncode, result.stderr) == (0, "")
+    tmpfiles = (examples / "qmp-reactor.tmpfiles.conf").read_text()
+    assert "d /run/qemu-qmp 2750 root qmp-reactor -" in tmpfiles
