@@ -329,7 +329,10 @@ class MetricsServer:
         self._clients.add(task)
         try:
             await self._answer(reader, writer)
-        except (TimeoutError, ValueError, ConnectionError, asyncio.IncompleteReadError):
+        except (
+            TimeoutError, ValueError, ConnectionError,
+            asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+        ):  # fmt: skip
             pass  # a client that is slow, rude or gone gets nothing
         except asyncio.CancelledError:
             pass  # close() hung up on it

@@ -195,8 +195,11 @@ def test_healthz_answers_503_when_unhealthy() -> None:
     assert got.startswith(b"HTTP/1.1 503 ")  # type: ignore[union-attr]
 
 
-def test_rude_clients_get_nothing_and_do_not_hurt(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rude_clients_get_nothing_and_do_not_hurt(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setattr(metrics_mod, "REQUEST_TIMEOUT", 0.2)
+    caplog.set_level(logging.DEBUG)
 
     async def scenario(port: int) -> list[bytes]:
         silent = await asyncio.open_connection("127.0.0.1", port)  # says nothing at all
@@ -214,6 +217,7 @@ def test_rude_clients_get_nothing_and_do_not_hurt(monkeypatch: pytest.MonkeyPatc
     *rude, fine = serve(Snapshot(rules=1), scenario)  # type: ignore[misc]
     assert rude == [b"", b"", b"", b""]
     assert fine.startswith(b"HTTP/1.1 200 ")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_listen_addresses() -> None:
