@@ -1,8 +1,10 @@
 """``qmp-reactor run``: the sidecar's main loop.
 
 It loads plugins, rules and configuration (any error stops it before it
-starts, with every problem located), opens the journal, resumes unfinished
-actions, connects to every VM, and feeds their events to the engine. Signal
+starts, with every problem located; files other users can write are warned
+about first), opens the journal, resumes unfinished actions, serves metrics
+and /healthz (``reactor.metrics``), connects to every VM, and feeds their
+events to the engine. A listener that cannot bind stops it at start. Signal
 handlers only set flags (uvicorn's way); the loop acts on them: SIGTERM/SIGINT
 stop gracefully (no new actions, in-flight ones get ``shutdown_grace``, the rest
 stay in the journal), SIGHUP reloads rules and configuration atomically (an
