@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,14 @@ from tests import fakeqmp
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 WORK = Path(tempfile.mkdtemp(prefix="qmp-reactor-bad-input-"))
 NO_PLUGINS = str(WORK / "no-plugins")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_work() -> Iterator[None]:
+    # One directory for every example (hypothesis runs many per test), removed at the end.
+    yield
+    shutil.rmtree(WORK, ignore_errors=True)
+
 
 VALID_RULES = """\
 rules:
