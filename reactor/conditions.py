@@ -185,17 +185,26 @@ def _inline_test(op: str, value: Any, x: str, ns: dict[str, Any], n: int) -> str
     return None
 
 
+_TOKEN = re.compile("\x00([0-9]+)\x00")
+_WORTH_SHARING = frozenset({"in", "not_in", "matches", "contains"})
+
+
 class SourceBuilder:
     """Turns conditions into Python expressions over shared, once-read path values.
 
     Plain paths (``$.data.id``) become local variables read once per event at the
     top of the generated function; everything else calls the leaf's predicate.
+    A test that several conditions share (the same path, operator and value) is
+    computed at most once per event, when first needed, and remembered in a local.
     """
 
     def __init__(self) -> None:
         self.ns: dict[str, Any] = {"MISSING": _MISSING, "NUMBER_TYPES": NUMBER_TYPES}
         self.reads: dict[tuple[str, ...], str] = {}
         self._n = 0
+        self._tests: dict[tuple[Any, ...], int] = {}
+        self._test_src: list[str] = []
+        self._uses: list[int] = []
 
     def _var(self, steps: tuple[str, ...]) -> str:
         if steps not in self.reads:
@@ -205,7 +214,7 @@ class SourceBuilder:
         return self.reads[steps]
 
     def prologue(self) -> list[str]:
-        """Lines reading every plain path used, parents first."""
+        """Lines reading every plain path used, parents first; then the shared tests' memos."""
         lines = []
         for steps, var in self.reads.items():
             parent = "env" if len(steps) == 1 else self.reads[steps[:-1]]
@@ -215,10 +224,28 @@ class SourceBuilder:
             lines.append(
                 f"    {var} = {parent}.get({key}, MISSING) if type({parent}) is dict else MISSING"
             )
+        shared = [f"m{i}" for i, uses in enumerate(self._uses) if uses > 1]
+        if shared:
+            lines.append(f"    {' = '.join(shared)} = None")
         return lines
 
+    def function(self, header: str, body: list[str]) -> str:
+        """The source of a function: ``header``, the prologue, then ``body`` (from ``expr``)."""
+        text = "\n".join([header, *self.prologue(), *body, ""])
+        return _TOKEN.sub(self._resolve, text)
+
+    def _resolve(self, m: re.Match[str]) -> str:
+        i = int(m.group(1))
+        src = self._test_src[i]
+        if self._uses[i] == 1:
+            return src
+        return f"(m{i} if m{i} is not None else (m{i} := {src}))"
+
     def expr(self, cond: Cond) -> str:
-        """A Python expression that is true when ``cond`` holds for ``env``."""
+        """A Python expression that is true when ``cond`` holds for ``env``.
+
+        Only valid inside ``function``, which resolves the shared tests.
+        """
         self._n += 1
         n = self._n
         if isinstance(cond, Combo):
@@ -230,11 +257,33 @@ class SourceBuilder:
             return "(" + (" and " if cond.kind == "all" else " or ").join(parts) + ")"
         steps = plain_steps(cond.path.text)
         if steps:
+            if cond.op in _WORTH_SHARING:
+                return self._shared(steps, cond, n)
             test = _inline_test(cond.op, cond.value, self._var(steps), self.ns, n)
             if test is not None:
                 return test
         self.ns[f"P{n}"] = cond.pred
         return f"P{n}(env)"
+
+    def _shared(self, steps: tuple[str, ...], cond: Leaf, n: int) -> str:
+        """A token for a test costlier than a memo check, so that it runs once per event."""
+        key = (steps, cond.op, type(cond.value).__name__, _value_key(cond.value))
+        found = self._tests.get(key)
+        if found is None:
+            test = _inline_test(cond.op, cond.value, self._var(steps), self.ns, n)
+            if test is None:
+                self.ns[f"P{n}"] = cond.pred
+                test = f"P{n}(env)"
+            found = self._tests[key] = len(self._test_src)
+            self._test_src.append(test)
+            self._uses.append(0)
+        self._uses[found] += 1
+        return f"\x00{found}\x00"
+
+
+def _value_key(value: Any) -> str:
+    """The value of a test as a key: JSON keeps ``1``, ``1.0`` and ``true`` apart."""
+    return json.dumps(value, sort_keys=True, default=repr)
 
 
 def make_leaf(path: CompiledPath, op: str, value: Any) -> Leaf:
@@ -269,8 +318,7 @@ def _never(env: Envelope) -> bool:
 def compile_predicate(cond: Cond) -> Predicate:
     """One generated function for ``cond``: plain paths read once, tests inlined."""
     b = SourceBuilder()
-    body = b.expr(cond)
-    src = "\n".join(["def pred(env):", *b.prologue(), f"    return {body}", ""])
+    src = b.function("def pred(env):", [f"    return {b.expr(cond)}"])
     exec(compile(src, "<condition>", "exec"), b.ns)  # our own generated source only
     fn: Predicate = b.ns["pred"]
     return fn

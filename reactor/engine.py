@@ -72,13 +72,15 @@ class Engine:
 
     def _way(self, event: str) -> Route:
         """What ``feed`` does with ``event``: the stage first, or straight to the rules."""
+        stage = self.stage
+        staged = stage is not None and stage.throttles(event)
         way: Route
-        if self.stage is not None and self.stage.throttles(event):
-            way = self._staged
-        elif self.observe is None and self.explain is None:
-            way = self._route(event)
+        if self.observe is not None or self.explain is not None:
+            way = self._staged if staged else self._match
+        elif stage is not None and staged:
+            way = _admitted(stage.admit, self._route(event))
         else:
-            way = self._match
+            way = self._route(event)
         if len(self._ways) >= _ROUTE_LIMIT:
             self._ways.clear()
         self._ways[event] = way
@@ -139,3 +141,13 @@ class Engine:
             why = gate.push(env)
             if why is not None:
                 explain(env, rule, why)
+
+
+def _admitted(admit: Callable[[Envelope], bool], route: Route) -> Route:
+    """``route`` for the events the stage lets through now (held ones come back by ``_match``)."""
+
+    def way(env: Envelope) -> None:
+        if admit(env):
+            route(env)
+
+    return way

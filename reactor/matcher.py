@@ -113,15 +113,14 @@ def _generate(
     """Compile ``def f(env)``: each plain path read once, ``head``, a test per rule, ``result``."""
     b = SourceBuilder()
     b.ns.update(names)
-    tests = []
+    body = [f"    {head}"] if head else []
     for i, rule in enumerate(rules):
         b.ns[f"RULE{i}"] = rule
         if rule.when is None:
-            tests.append(f"    {action(i, rule)}")
+            body.append(f"    {action(i, rule)}")
         else:
-            tests.append(f"    if {b.expr(rule.when)}:\n        {action(i, rule)}")
-    lines = ["def f(env):", *b.prologue(), *([f"    {head}"] if head else []), *tests]
-    src = "\n".join([*lines, f"    return {result}", ""])
+            body.append(f"    if {b.expr(rule.when)}:\n        {action(i, rule)}")
+    src = b.function("def f(env):", [*body, f"    return {result}"])
     exec(compile(src, "<rules>", "exec"), b.ns)  # our own generated source only
     return b.ns["f"]
 

@@ -96,18 +96,24 @@ class QemuStage:
 
     def push(self, env: Envelope) -> bool:
         """True if ``env`` went to ``emit`` now; False if it is held (and may be replaced)."""
+        if self.admit(env):
+            self._emit(env)
+            return True
+        return False
+
+    def admit(self, env: Envelope) -> bool:
+        """True if ``env`` passes now, for the caller to send on; False if it is held.
+
+        ``push`` without the sending: what a held event later does still goes to ``emit``.
+        """
         event = env["event"]
         field = self._fields.get(event)
         if field is None:
-            self._emit(env)
             return True
         value = env["data"].get(field) if field else None
         if value is not None and value.__class__ is not str:
             value = _freeze([value])
-        if self._windows.offer((env["vm"], event, value), env) is not None:
-            return False
-        self._emit(env)
-        return True
+        return self._windows.offer((env["vm"], event, value), env) is None
 
     def throttles(self, event: str) -> bool:
         """Whether events called ``event`` go through a window (else ``push`` emits at once)."""

@@ -105,21 +105,25 @@ class Windows(Generic[S]):
 
     def _settle(self, now: float, on_time: bool) -> None:
         """End the windows due by ``now``; held ones only ``on_time`` (from the timer)."""
-        due, slots, popleft = self._due, self._slots, self._due.popleft
-        forgets = self._EMPTY_ENDS_FORGET
-        while due and due[0][0] <= now:
-            end, key = due[0]
-            slot = slots.get(key)
+        due, slots = self._due, self._slots
+        popleft, get, forgets = due.popleft, slots.get, self._EMPTY_ENDS_FORGET
+        while due:
+            entry = popleft()
+            end, key = entry
+            if end > now:
+                due.appendleft(entry)
+                break
+            slot = get(key)
             if slot is None or slot.end != end:
-                popleft()  # stale
-            elif slot.env is None and forgets:
-                popleft()
-                del slots[key]
-            elif slot.env is not None and not on_time:
+                continue  # stale
+            if slot.env is None:
+                if forgets:
+                    del slots[key]
+                    continue
+            elif not on_time:
+                due.appendleft(entry)
                 break  # its timer is due: it goes out at its time, not here
-            else:
-                popleft()
-                self._ended(key, slot)
+            self._ended(key, slot)
         if not slots:
             due.clear()  # only stale entries are left
         if not due and self._timer is not None:
