@@ -160,7 +160,7 @@ def _problems(err: ValidationError, doc: Any, fallback: Location) -> list[Diagno
         name = ".".join(str(p) for p in loc)
         where = _locate(doc, loc, fallback)
         if e.get("type") == "extra_forbidden":
-            msg = f"unknown setting '{name}'"
+            msg = f"unknown setting {name!r}"
         elif e.get("type") == "missing":
             msg = f"missing setting '{name}'"
         else:

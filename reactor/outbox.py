@@ -161,6 +161,8 @@ class Outbox:
                 await self._poll()
                 next_poll = time.monotonic() + self.poll_interval
             if not len(self._pending):
+                if self._closing:
+                    continue  # stop() may have come while we polled: do not sleep on it
                 self._wake.clear()
                 try:
                     async with asyncio.timeout(max(0.0, next_poll - time.monotonic())):

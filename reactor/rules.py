@@ -91,7 +91,7 @@ class Compiler:
         for key in node:
             if key not in allowed:
                 hint = did_you_mean(str(key), allowed)
-                self.error(node.key_loc(key), f"unknown key '{key}' in {what}{hint}")
+                self.error(node.key_loc(key), f"unknown key {key!r} in {what}{hint}")
 
     # -- files -----------------------------------------------------------
     def compile_file(self, path: Path, display: str | None = None) -> list[Rule]:
@@ -250,7 +250,7 @@ class Compiler:
         for key in node:
             if key != "path" and key not in C.OPERATORS:
                 hint = did_you_mean(str(key), (*C.OPERATORS, *C.COMBINATORS))
-                self.error(node.key_loc(key), f"unknown operator '{key}'{hint}")
+                self.error(node.key_loc(key), f"unknown operator {key!r}{hint}")
                 return _never()
         if not ops:
             self.error(node.location, f"missing operator: one of {', '.join(C.OPERATORS)}")

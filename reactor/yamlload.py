@@ -125,9 +125,11 @@ def _decode(data: bytes, filename: str) -> str:
 
 def load_text(text: str, filename: str) -> Any:
     """Parse YAML text into marked containers; syntax errors become a RuleError."""
-    loader = _MarkedLoader(text)
-    loader.filename = filename
+    loader: _MarkedLoader | None = None
     try:
+        # The reader checks the text as the loader is built: keep it inside the handler.
+        loader = _MarkedLoader(text)
+        loader.filename = filename
         return loader.get_single_data()
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
@@ -138,7 +140,8 @@ def load_text(text: str, filename: str) -> Any:
         diag = Diagnostic(Location(filename, 1, 1), f"YAML: {err}")
         raise RuleError("YAML", [diag]) from err
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_file(path: Path, display: str | None = None) -> Any:

@@ -252,12 +252,6 @@ def test_configuration_errors_are_located_too(text: str) -> None:
     assert all(located(config).match(d) for d in diagnostics_of(err, config)), err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=yaml.YAMLError,
-    reason="reactor.yamlload builds PyYAML's loader outside its error handling, so the "
-    "reader's refusal of an unprintable character escapes as a traceback",
-)
 @pytest.mark.parametrize("option", ["rules", "--config"])
 def test_unprintable_characters_are_located(option: str) -> None:
     path = WORK / "unprintable.yaml"

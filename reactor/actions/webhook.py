@@ -132,7 +132,8 @@ def _judge(response: httpx.Response, where: str) -> None:
     if status < 400:
         location = response.headers.get("Location", "?")
         raise PermanentActionError(f"{where}: HTTP {status} redirect to {location} not followed")
-    raise PermanentActionError(redact(f"{where}: HTTP {status}: {response.text[:200]}"))
+    # Mask before cutting, so a secret straddling the cut cannot leak its first characters.
+    raise PermanentActionError(redact(f"{where}: HTTP {status}: ") + redact(response.text)[:200])
 
 
 async def run_webhook(params: WebhookParams, ctx: ActionContext) -> dict[str, Any]:
