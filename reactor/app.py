@@ -9,9 +9,11 @@ connections, a replay file) is the caller's.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,28 @@ class Renderer:
             raise PermanentActionError(
                 redact(f"{kind.name}: rendered parameters are invalid: {details}")
             ) from None
+
+
+def freeze_startup() -> None:
+    """Keep the cyclic garbage collector off everything made so far (call once ready).
+
+    Modules, plugins, the compiled rules and the reactor itself live as long as
+    the process; re-scanning them on every full collection was a quarter of the
+    CPU time at high event rates. ``gc.freeze`` parks them in a permanent
+    generation (reference counting still frees what loses its last reference).
+    """
+    gc.freeze()
+
+
+@contextlib.contextmanager
+def refrozen() -> Iterator[None]:
+    """Around a rule reload: the replaced rules become collectable, the new ones are frozen."""
+    gc.unfreeze()
+    try:
+        yield
+    finally:
+        gc.collect()
+        gc.freeze()
 
 
 def synthetic_envelope(vm: str, event: str, data: dict[str, Any], seq: int) -> Envelope:

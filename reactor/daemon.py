@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reactor.app import Reactor
+from reactor.app import Reactor, freeze_startup, refrozen
 from reactor.clock import AsyncioClock
 from reactor.config import Config, load_config
 from reactor.connections import ConnectionManager
@@ -221,6 +221,7 @@ class Daemon:
             self._tasks.append(asyncio.create_task(self.conns.listen(cfg.listen)))
         await asyncio.sleep(0)  # let the listener bind: a bad address stops us before "ready"
         self._check_tasks()
+        freeze_startup()
         log.info(
             "ready: %d rules, %d sockets, %d globs%s, state in %s",
             len(self.rules),
@@ -251,6 +252,10 @@ class Daemon:
 
     def reload(self) -> bool:
         """Swap in the rules the files hold now, or keep the old ones if they are invalid."""
+        with refrozen():
+            return self._reload()
+
+    def _reload(self) -> bool:
         try:
             cfg = effective_config(self.opts)
             plugins = load_plugins(
