@@ -34,6 +34,9 @@ EventSink = Callable[[RawEvent, float], None]
 MAX_MESSAGE = 1 << 20
 """Default longest QMP line accepted (bytes); QEMU's own events are far shorter."""
 
+BURST = 32
+"""Events of one VM handled before the loop turns to the others (a flood must not starve them)."""
+
 HOLD_MAX = 10_000
 """Events kept while a session is being announced; older ones are dropped past this."""
 
@@ -122,7 +125,12 @@ class QmpLink(QMPClient):
         self.held.append((obj, received))
 
     async def _do_recv(self) -> Message:
+        burst = 0
         while True:
+            if burst >= BURST:
+                # A line already buffered is read without a pause: let the other VMs in.
+                burst = 0
+                await asyncio.sleep(0)
             try:
                 raw = await self._readline()
             except ValueError as err:  # the stream reader's limit: it dropped the buffer
@@ -138,6 +146,7 @@ class QmpLink(QMPClient):
                 raise WireError(f"not a JSON object: {type(obj).__name__}")
             if "event" not in obj:
                 return Message(obj, eager=False)
+            burst += 1
             sink = self.sink
             if sink is None:
                 self._hold(obj, received)

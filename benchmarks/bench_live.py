@@ -1,0 +1,78 @@
+"""Live-path rows: throughput on 1 and 100 connections, latency at 1,000 events/s, isolation.
+
+See ``live.py`` for the rig. Each figure is the median of ``runs`` fresh rigs;
+throughput is from telling the peer to start until the last action started,
+with the journal (as ``run`` is deployed) and without it (in memory).
+"""
+
+from __future__ import annotations
+
+from common import Row, median, spread, verdict
+from live import LiveResult, bare_latency, latency, percentile, throughput
+
+RATE_TARGET = 30_000
+P99_TARGET_MS = 2.0
+ISOLATION_TARGET_MS = 10.0
+
+
+def _ms(ns: float) -> float:
+    return ns / 1e6
+
+
+def bench_throughput(total: int, runs: int) -> list[Row]:
+    """Events per second through the whole path, on one and on 100 connections."""
+    rows = []
+    for connections in (1, 100):
+        for journal in (True, False):
+            results = [throughput(connections, total, journal) for _ in range(runs)]
+            rates = [r.rate for r in results]
+            cpu_us = median([r.cpu / r.events * 1e6 for r in results])
+            rate = median(rates)
+            where = "journal" if journal else "in memory"
+            rows.append(
+                Row(f"live: {connections} connection{'s' * (connections > 1)}, {where}",
+                    f"{rate:,.0f} ev/s", f"{cpu_us:.1f} us CPU/event; runs {spread(rates)}",
+                    f">= {RATE_TARGET:,} ev/s", verdict(rate >= RATE_TARGET))
+            )  # fmt: skip
+    return rows
+
+
+def _p(result: LiveResult | list[int], q: float) -> float:
+    values = result.latencies_ns if isinstance(result, LiveResult) else result
+    return _ms(percentile(values, q))
+
+
+def bench_latency(seconds: float, runs: int) -> list[Row]:
+    """p50 and p99 from write to action start at 1,000 events/s, next to the bare floor."""
+    bare = [bare_latency(1000, seconds) for _ in range(runs)]
+    rows = [
+        Row("latency: bare socket reader (floor)",
+            f"p50 {median([_p(b, .5) for b in bare]):.2f} ms",
+            f"p99 {median([_p(b, .99) for b in bare]):.2f} ms", "", ""),
+    ]  # fmt: skip
+    for journal in (True, False):
+        results = [latency(1000, seconds, journal) for _ in range(runs)]
+        p50 = median([_p(r, 0.5) for r in results])
+        p99s = [_p(r, 0.99) for r in results]
+        p99 = median(p99s)
+        where = "journal" if journal else "in memory"
+        rows.append(
+            Row(f"latency: 1,000 ev/s, {where}", f"p50 {p50:.2f} ms",
+                f"p99 {p99:.2f} ms (runs {spread(p99s)})", f"p99 < {P99_TARGET_MS:g} ms",
+                verdict(p99 < P99_TARGET_MS))
+        )  # fmt: skip
+    return rows
+
+
+def bench_isolation(seconds: float, runs: int) -> list[Row]:
+    """The quiet VM's p99 with another VM flooding BLOCK_IO_ERROR, against without."""
+    alone, flooded = [], []
+    for _ in range(runs):  # alternated, so both see the same machine
+        alone.append(_p(latency(1000, seconds, True), 0.99))
+        flooded.append(_p(latency(1000, seconds, True, flood=True), 0.99))
+    extra = median(flooded) - median(alone)
+    return [
+        Row("isolation: quiet VM p99, another VM flooding", f"p99 {median(flooded):.2f} ms",
+            f"+{extra:.2f} ms over alone ({median(alone):.2f} ms); runs {spread(flooded)}",
+            f"+ <= {ISOLATION_TARGET_MS:g} ms", verdict(extra <= ISOLATION_TARGET_MS)),
+    ]  # fmt: skip

@@ -1,0 +1,86 @@
+"""Memory at scale, each scenario in a fresh process so nothing else counts in its RSS.
+
+- 500 VMs connected (the journal on), each having sent 100 events through the
+  whole path: the process's RSS once every action ran, and before connecting.
+- A soak of ``events`` events on one connection (journal on): RSS after the
+  first fifth and at the end; flat means within 5%.
+
+Run as ``python benchmarks/bench_scale.py vms|soak N`` it is that child, printing JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from common import Row, median, spread, verdict  # noqa: E402
+
+RSS_TARGET = 100 * 2**20
+FLAT_TARGET = 0.05
+
+
+def _child(*args: str) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    out = subprocess.run([sys.executable, str(HERE / "bench_scale.py"), *args], env=env,
+                         check=True, capture_output=True, text=True).stdout  # fmt: skip
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def _vms(count: int, per_vm: int) -> dict[str, Any]:
+    from live import flood_plan, rss, scenario
+
+    before: list[int] = []
+    result = asyncio.run(
+        scenario(flood_plan(count, per_vm), count * per_vm, True, lambda rig: before.append(rss()))
+    )
+    return {"before": before[0], "after": rss(), "events": result.events}
+
+
+def _soak(events: int) -> dict[str, Any]:
+    from live import Rig, flood_plan, rss, scenario
+
+    first = events // 5
+    samples: dict[int, int] = {}
+
+    def prepare(rig: Rig) -> None:
+        for mark in (first, events):
+            rig.recorder.marks[mark] = lambda mark=mark: samples.__setitem__(mark, rss())
+
+    asyncio.run(scenario(flood_plan(1, events), events, True, prepare))
+    return {"first": samples[first], "last": samples[events], "events": events}
+
+
+def bench_scale(soak_events: int, runs: int) -> list[Row]:
+    """RSS with 500 VMs, and its growth over a soak, medians of ``runs`` fresh processes."""
+    vms = [_child("vms", "500", "100") for _ in range(runs)]
+    after = median([v["after"] for v in vms])
+    before = median([v["before"] for v in vms])
+    soaks = [_child("soak", str(soak_events)) for _ in range(runs)]
+    growth = [(s["last"] - s["first"]) / s["first"] for s in soaks]
+    g = median(growth)
+    mib = 2**20
+    return [
+        Row("scale: RSS with 500 VMs connected", f"{after / mib:.0f} MiB",
+            f"{before / mib:.0f} MiB with rules, before connecting", "<= 100 MB",
+            verdict(after <= RSS_TARGET)),
+        Row(f"scale: RSS over a soak of {soak_events:,} events", f"{g:+.1%}",
+            f"{median([s['first'] for s in soaks]) / mib:.0f} -> "
+            f"{median([s['last'] for s in soaks]) / mib:.0f} MiB; runs "
+            f"{spread([x * 100 for x in growth])} %", "within 5%", verdict(abs(g) <= FLAT_TARGET)),
+    ]  # fmt: skip
+
+
+if __name__ == "__main__":
+    kind, *numbers = sys.argv[1:]
+    values = [int(n) for n in numbers]
+    print(json.dumps(_vms(*values) if kind == "vms" else _soak(*values)))
