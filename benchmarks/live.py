@@ -174,6 +174,7 @@ class Rig:
         self.connected: set[str] = set()
         self.all_connected = asyncio.Event()
         self.closing = False
+        self.switch_interval = sys.getswitchinterval()
         self.reactor: Any = None
         self.conns: Any = None
         self.peer: PeerProcess | None = None
@@ -191,7 +192,7 @@ class Rig:
     async def start(self, peer_cpu: int | None) -> None:
         """Rules, peer, reactor, connections: everything up, as the daemon is once ready."""
         from reactor.actions.base import ActionType
-        from reactor.app import Reactor, freeze_startup
+        from reactor.app import Reactor, tune_for_serving
         from reactor.clock import AsyncioClock
         from reactor.config import Config
         from reactor.connections import ConnectionManager
@@ -219,7 +220,7 @@ class Rig:
             self.conns.add(str(self.tmp / f"{vm['name']}.qmp"), vm["name"])
         await self.peer.expect("connected")
         await asyncio.wait_for(self.all_connected.wait(), 300)
-        freeze_startup()
+        tune_for_serving()
 
     async def run(self, expected: int, timeout: float = 900) -> LiveResult:
         """Let the peer send; return once ``expected`` actions have started."""
@@ -233,7 +234,7 @@ class Rig:
         return LiveResult(expected, t1 - t0, c1 - c0, list(self.recorder.latencies_ns))
 
     async def close(self) -> None:
-        """Connections, reactor and peer down; the collector back to normal."""
+        """Connections, reactor and peer down; the interpreter's settings back to normal."""
         self.closing = True
         if self.conns is not None:
             await self.conns.aclose()
@@ -242,6 +243,7 @@ class Rig:
         if self.peer is not None:
             await self.peer.close()
         gc.unfreeze()
+        sys.setswitchinterval(self.switch_interval)
 
 
 async def scenario(

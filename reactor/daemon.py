@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reactor.app import Reactor, freeze_startup, refrozen
+from reactor.app import Reactor, refrozen, tune_for_serving
 from reactor.clock import AsyncioClock
 from reactor.config import Config, load_config
 from reactor.connections import ConnectionManager
@@ -221,7 +221,7 @@ class Daemon:
             self._tasks.append(asyncio.create_task(self.conns.listen(cfg.listen)))
         await asyncio.sleep(0)  # let the listener bind: a bad address stops us before "ready"
         self._check_tasks()
-        freeze_startup()
+        tune_for_serving()
         log.info(
             "ready: %d rules, %d sockets, %d globs%s, state in %s",
             len(self.rules),
