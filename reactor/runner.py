@@ -38,6 +38,7 @@ from tenacity import (
 from tenacity.wait import wait_base
 
 from reactor.actions.base import ActionContext, ActionSettings, ActionType, VmControl
+from reactor.deadlines import Deadlines
 from reactor.errors import PermanentActionError, TransientActionError
 from reactor.hookspecs import ActionOutcome, OutcomeStatus
 from reactor.journal import Invocation
@@ -106,6 +107,7 @@ class Runner:
         self.redact = redact
         self.sleep = sleep
         self.in_flight = 0
+        self._deadlines = Deadlines()
         self._global = asyncio.Semaphore(max_concurrency)
         self._per_type = {name: asyncio.Semaphore(n) for name, n in per_type_limits.items()}
 
@@ -179,17 +181,22 @@ class Runner:
                 per_type.release()
 
     async def _run_once(self, inv: Invocation, atype: ActionType) -> None:
-        timeout = asyncio.timeout(inv.spec.timeout)
+        deadline = self._deadlines.start(inv.spec.timeout)
         try:
-            async with timeout:
-                params = self.render(inv, atype)
-                if inspect.isawaitable(params):
-                    params = await params
-                await atype.run(params, self._context(inv))
-        except TimeoutError as err:
-            if timeout.expired():
-                raise TransientActionError(f"timed out after {inv.spec.timeout:g} s") from err
+            params = self.render(inv, atype)
+            if inspect.isawaitable(params):
+                params = await params
+            await atype.run(params, self._context(inv))
+        except BaseException as err:
+            cause: BaseException = err
+            if deadline.end(cancelled=isinstance(err, asyncio.CancelledError)):
+                # Our cancellation: as ``asyncio.timeout`` turns it into TimeoutError.
+                cause = TimeoutError()
+                cause.__cause__ = err
+            if isinstance(cause, TimeoutError) and deadline.expired:
+                raise TransientActionError(f"timed out after {inv.spec.timeout:g} s") from cause
             raise
+        deadline.end(cancelled=False)
 
     def _context(self, inv: Invocation) -> ActionContext:
         emit = self.emit
