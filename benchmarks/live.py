@@ -197,6 +197,7 @@ class Rig:
         from reactor.config import Config
         from reactor.connections import ConnectionManager
         from reactor.plugins import load_plugins
+        from reactor.qmplink import READ_PACE
         from reactor.rules import require_rules
 
         rules_dir = write_rules(self.tmp / "rules", 100)
@@ -216,6 +217,7 @@ class Rig:
             vm_lookup=self.conns.get,
         )
         await self.reactor.start()
+        READ_PACE.set(self.reactor.room)  # as the daemon: overload slows the readers down
         for vm in self.vms:
             self.conns.add(str(self.tmp / f"{vm['name']}.qmp"), vm["name"])
         await self.peer.expect("connected")

@@ -172,6 +172,10 @@ class Reactor:
         """One envelope into the engine."""
         self.engine.feed(env)
 
+    async def room(self) -> None:
+        """Wait while the reactor is overloaded; readers of events await it between bursts."""
+        await self.dispatcher.room()
+
     def emit_local(self, vm: str, event: str, data: dict[str, Any]) -> None:
         """Raise a synthetic event for ``vm`` without a connection (replay, tests)."""
         self._seq += 1

@@ -34,6 +34,7 @@ from reactor.metrics import Metrics, MetricsServer, Snapshot, snapshot_of, start
 from reactor.model import Envelope
 from reactor.permissions import config_paths_warnings
 from reactor.plugins import Plugins, load_plugins
+from reactor.qmplink import READ_PACE
 from reactor.rules import require_rules
 
 log = logging.getLogger("reactor.daemon")
@@ -211,6 +212,7 @@ class Daemon:
         )
         await self.plugins.startup(cfg.actions.settings())
         await self.reactor.start()
+        READ_PACE.set(self.reactor.room)  # inherited by every connection task made from here
         self.metrics_server = await start_metrics_server(self.metrics, cfg.metrics)
         names = cfg.vm_names()
         for address in cfg.qmp:

@@ -136,6 +136,10 @@ class Dispatcher:
         """Rows in the journal's dead letters (refreshed every poll)."""
         return self._outbox.dead_letters
 
+    async def room(self) -> None:
+        """Wait while the journal, healthy but overloaded, is behind (see ``reactor.outbox``)."""
+        await self._outbox.room()
+
     def submit(self, firing: Firing) -> list[Invocation]:
         """Accept a firing's actions; returns their invocations, at once, without running them.
 
@@ -319,8 +323,8 @@ class Dispatcher:
             await self._outbox.flush()
             if self._tasks:
                 await asyncio.wait(list(self._tasks))
-            elif not self._outbox.busy:
-                return
+            elif not self._outbox.busy or not self._outbox.running:
+                return  # nothing left, or no writer left to write it
 
     async def shutdown(self, grace: float) -> None:
         """Stop accepting, give running work ``grace`` seconds, leave the rest in the journal.

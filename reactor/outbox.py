@@ -14,6 +14,13 @@ thousands per commit (at most ``max_rows`` new rows each).
 A failed write (disk full, read-only state directory) keeps the batch in
 memory, sets ``healthy`` to false, logs once per failure streak and retries
 with backoff; the work it held is delayed, not lost.
+
+Overload is another matter: a healthy journal that cannot keep up with the
+events. Past ``high_water`` unwritten rows, ``room()`` makes whoever awaits it
+(the readers of the QMP sockets) wait until the writer is back under
+``low_water``, so the events wait in the sockets rather than the firings being
+refused. A failing journal opens the gate again: then it is the dispatcher's
+``max_unwritten`` that decides.
 """
 
 from __future__ import annotations
@@ -76,6 +83,7 @@ class Outbox:
         poll_interval: float = 2.0,
         on_requeued: Callable[[list[Invocation]], None] | None = None,
         retry_delays: tuple[float, float] = (0.1, 5.0),
+        high_water: int = 2_000,
     ) -> None:
         self.journal = journal
         self.max_rows = max_rows
@@ -83,6 +91,10 @@ class Outbox:
         self.on_requeued = on_requeued
         self.retry_delays = retry_delays
         self.healthy = True
+        self.high_water = high_water
+        self.low_water = high_water // 2
+        self._room = asyncio.Event()
+        self._room.set()
         self.last_error: str | None = None
         self.dead_letters = 0
         self._pending = _Pending()
@@ -98,6 +110,11 @@ class Outbox:
         return self._pending.rows
 
     @property
+    def running(self) -> bool:
+        """Whether the writer task is running (started and not ended)."""
+        return self._task is not None and not self._task.done()
+
+    @property
     def busy(self) -> bool:
         """Whether writes are queued or being written."""
         return bool(len(self._pending)) or self._writing
@@ -107,6 +124,13 @@ class Outbox:
         self._pending.groups.append((invs, then))
         self._pending.rows += len(invs)
         self._wake.set()
+        if self._pending.rows > self.high_water and self.healthy:
+            self._room.clear()
+
+    async def room(self) -> None:
+        """Return at once, or once an overloaded (healthy) journal is back under ``low_water``."""
+        if not self._room.is_set():
+            await self._room.wait()
 
     def update(self, inv: Invocation) -> None:
         """Queue the current state (status, attempts, error, times) of a written row."""
@@ -179,6 +203,8 @@ class Outbox:
 
     async def _flush(self) -> bool:
         taken = self._pending.take(self.max_rows)
+        if self._pending.rows <= self.low_water:
+            self._room.set()
         self._writing = True
         try:
             if self.journal is not None:
@@ -222,6 +248,7 @@ class Outbox:
             log.error("journal write failed, keeping %d rows in memory and retrying: %s",
                       len(self._pending), err)  # fmt: skip
         self.healthy = False
+        self._room.set()  # failing, not overloaded: max_unwritten decides, readers go on
         self.last_error = str(err)
 
     def _recovered(self) -> None:

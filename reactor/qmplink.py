@@ -20,7 +20,8 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
@@ -36,6 +37,13 @@ MAX_MESSAGE = 1 << 20
 
 BURST = 32
 """Events of one VM handled before the loop turns to the others (a flood must not starve them)."""
+
+READ_PACE: ContextVar[Callable[[], Awaitable[None]] | None] = ContextVar("read_pace", default=None)
+"""Awaited between bursts of events: how an overloaded consumer slows the readers down.
+
+Set it before the connections start (``Daemon`` sets ``Reactor.room``); their
+tasks inherit it, so the connection layers in between need not carry it.
+"""
 
 HOLD_MAX = 10_000
 """Events kept while a session is being announced; older ones are dropped past this."""
@@ -131,6 +139,9 @@ class QmpLink(QMPClient):
                 # A line already buffered is read without a pause: let the other VMs in.
                 burst = 0
                 await asyncio.sleep(0)
+                pace = READ_PACE.get()
+                if pace is not None:
+                    await pace()
             try:
                 raw = await self._readline()
             except ValueError as err:  # the stream reader's limit: it dropped the buffer
