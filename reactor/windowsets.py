@@ -38,13 +38,14 @@ def secs(window: float) -> str:
 class _Slot:
     """One key's window: its VM, its end, a held event and the events folded in."""
 
-    __slots__ = ("count", "end", "env", "vm")
+    __slots__ = ("count", "end", "env", "seq", "vm")
 
     def __init__(self, vm: str, end: float, env: Envelope | None = None, count: int = 0) -> None:
         self.vm = vm
         self.end = end
         self.env = env
         self.count = count
+        self.seq = 0
 
 
 class _Tally(_Slot):
@@ -180,32 +181,102 @@ class Throttle(Windows[_Slot]):
         raise NotImplementedError
 
 
-class QemuWindows(Throttle):
+class Rotating(Throttle):
+    """Throttle windows forgotten a generation at a time: no work per window that ends empty.
+
+    A window (re)opened before a rotation has ended by the next one, a window
+    length later or more; so at each rotation the older of two dicts is dropped
+    whole and the newer becomes the older. An offer looks its key up in both and
+    treats a state whose window has ended as gone. Only a held event needs its
+    window's end on time; the one clock timer runs for those and for rotations.
+    """
+
+    __slots__ = ("_old", "_rotate_at", "_seq")
+
+    def __init__(self, clock: Clock, window: float, out: Out) -> None:
+        super().__init__(clock, window, out)
+        self._old: dict[Hashable, _Slot] = {}
+        self._rotate_at = 0.0
+        self._seq = 0
+
+    def __len__(self) -> int:
+        now = self._clock.now()
+        live = 0
+        for gen in (self._slots, self._old):
+            for slot in gen.values():
+                live += slot.env is not None or slot.end > now
+        return live
+
+    def drop_vm(self, vm: str) -> None:
+        """Forget the states whose latest event came from ``vm`` (held events included)."""
+        for gen in (self._slots, self._old):
+            for key in [k for k, s in gen.items() if s.vm == vm]:
+                del gen[key]
+        if not self._slots and not self._old and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _find(self, key: Hashable) -> _Slot | None:
+        slot = self._slots.get(key)
+        return self._old.get(key) if slot is None else slot
+
+    def _open(self, key: Hashable, slot: _Slot) -> None:
+        self._seq += 1
+        slot.seq = self._seq  # the order windows opened in, for ends at the same instant
+        if not self._slots and not self._old:  # the first state: rotations start
+            self._rotate_at = self._clock.now() + self.window
+            self._arm(self._rotate_at)
+        self._slots[key] = slot
+
+    def _reopen(self, key: Hashable, slot: _Slot, now: float) -> None:
+        """``slot`` starts a new window now, in the newer generation."""
+        if self._old.get(key) is slot:
+            del self._old[key]
+        slot.end = now + self.window
+        self._open(key, slot)
+
+    def _tick(self) -> None:
+        self._timer = None
+        now = self._clock.now()
+        self._ends_due(now)
+        if now >= self._rotate_at:
+            self._old, self._slots = self._slots, {}
+            self._rotate_at = now + self.window
+        if self._slots or self._old:
+            when = self._next_on_time()
+            self._arm(self._rotate_at if when is None else min(when, self._rotate_at))
+
+    def _ends_due(self, now: float) -> None:
+        """What must happen at the windows' ends due by ``now`` (nothing by default)."""
+
+
+class QemuWindows(Rotating):
     """QEMU's algorithm: first event out at once, then the last of each window at its end."""
 
-    __slots__ = ("_held_ends", "holds", "replaced")
+    __slots__ = ("_held", "holds", "replaced")
     REASON = "held (qemu {})"
 
     def __init__(self, clock: Clock, window: float, out: Out) -> None:
         super().__init__(clock, window, out)
         self.holds = 0
         self.replaced = 0
-        self._held_ends: list[float] = []
+        self._held: list[tuple[float, int, Hashable, _Slot]] = []
 
     def offer(self, key: Hashable, env: Envelope) -> str | None:
         """None if ``env`` passes now (the caller sends it); else why it is held."""
         now = self._clock.now()
         slot = self._slots.get(key)
         if slot is None:
-            self._open(key, _Slot(env["vm"], now + self.window))
-            return None
+            slot = self._old.get(key)
+            if slot is None:
+                self._open(key, _Slot(env["vm"], now + self.window))
+                return None
         if slot.env is None:
             if slot.end <= now:  # the window ended empty: a new one opens
                 slot.vm = env["vm"]
-                slot.end = now + self.window
-                self._open(key, slot)
+                self._reopen(key, slot, now)
                 return None
-            heapq.heappush(self._held_ends, slot.end)
+            heapq.heappush(self._held, (slot.end, slot.seq, key, slot))
             self._wake(slot.end)
         else:
             self.replaced += 1
@@ -215,27 +286,24 @@ class QemuWindows(Throttle):
         slot.count += 1
         return self._reason
 
-    def _ended(self, key: Hashable, slot: _Slot) -> None:
-        env = slot.env
-        if env is None:
-            del self._slots[key]
-            return
-        count = slot.count
-        slot.env = None
-        slot.count = 0
-        # State is settled before emitting, so a callback that pushes again sees it.
-        slot.end = self._clock.now() + self.window
-        self._due.append((slot.end, key))
-        self._out(env, count)
+    def _ends_due(self, now: float) -> None:
+        held = self._held
+        while held and held[0][0] <= now:
+            end, _, key, slot = heapq.heappop(held)
+            if slot.env is None or slot.end != end or self._find(key) is not slot:
+                continue  # dropped, or already out
+            env, count = slot.env, slot.count
+            slot.env = None
+            slot.count = 0
+            # State is settled before emitting, so a callback that pushes again sees it.
+            self._reopen(key, slot, now)
+            self._out(env, count)
 
     def _next_on_time(self) -> float | None:
-        ends, now = self._held_ends, self._clock.now()
-        while ends and ends[0] <= now:
-            heapq.heappop(ends)
-        return ends[0] if ends else None
+        return self._held[0][0] if self._held else None
 
 
-class OnceWithin(Throttle):
+class OnceWithin(Rotating):
     """First event fires at once; the rest of its window is dropped."""
 
     __slots__ = ()
@@ -244,14 +312,13 @@ class OnceWithin(Throttle):
     def offer(self, key: Hashable, env: Envelope) -> str | None:
         """None if ``env`` fires now (the caller sends it); else why it was dropped."""
         now = self._clock.now()
-        slot = self._slots.get(key)
+        slot = self._find(key)
         if slot is None:
             self._open(key, _Slot(env["vm"], now + self.window))
             return None
         slot.vm = env["vm"]
         if slot.end <= now:  # the window ended: a new one opens
-            slot.end = now + self.window
-            self._open(key, slot)
+            self._reopen(key, slot, now)
             return None
         return self._reason
 
