@@ -2,19 +2,24 @@
 
 A window set maps keys to states (``_Slot``) that each live for a window. The
 naive way, one clock timer per window, costs a timer object, a heap push and a
-callback for every window, and most windows end with nothing to do. Here:
+callback for every window, and most windows end with nothing to do. Here an
+offer looks at its own key's state only, and treats a state whose window has
+ended as gone (and reuses it), exactly as if a timer had removed it. Memory is
+freed in one of two ways:
 
-- an offer looks at its own key's state only: a state whose window has ended
-  is treated as gone (and reused), exactly as if a timer had removed it;
-- each (re)opened window appends ``(end, key)`` to a FIFO, which is sorted by
-  end since a set has one window length and the clock never goes back; ended
-  windows are settled from its head by ``len()`` and by the set's one clock
-  timer, armed at the earliest moment something must happen on time (a held
-  event going out at its window's end), else a window after the oldest end,
-  so that memory is freed when events stop too.
+- ``Rotating`` (QEMU's stage and ``qemu`` throttles, ``once_within``): states
+  live in two generations; every window length or more the older one is
+  dropped whole, since a window opened before a rotation has ended by the next.
+- ``Windows`` (``once_after``, thresholds): each (re)opened window appends
+  ``(end, key)`` to a FIFO, sorted by end since a set has one window length and
+  the clock never goes back; ended windows are settled from its head. A FIFO
+  entry whose key has no state, or whose state has another end, is stale (the
+  state was reopened, extended or dropped) and is skipped.
 
-A FIFO entry whose key has no state, or whose state has another end, is stale
-(the state was reopened, extended or dropped) and is skipped.
+Each set has one clock timer, armed at the earliest moment something must
+happen on time (a held event going out at its window's end), else for the next
+rotation or a window after the oldest end, so that memory is freed when events
+stop too; ``len()`` counts the windows still open.
 """
 
 from __future__ import annotations
