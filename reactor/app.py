@@ -9,6 +9,7 @@ connections, a replay file) is the caller's.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -172,9 +173,9 @@ class Reactor:
         """One envelope into the engine."""
         self.engine.feed(env)
 
-    async def room(self) -> None:
-        """Wait while the reactor is overloaded; readers of events await it between bursts."""
-        await self.dispatcher.room()
+    def backpressure(self) -> asyncio.Event | None:
+        """None while there is room; else an Event that readers of events wait for first."""
+        return self.dispatcher.backpressure()
 
     def emit_local(self, vm: str, event: str, data: dict[str, Any]) -> None:
         """Raise a synthetic event for ``vm`` without a connection (replay, tests)."""

@@ -212,7 +212,9 @@ class Daemon:
         )
         await self.plugins.startup(cfg.actions.settings())
         await self.reactor.start()
-        READ_PACE.set(self.reactor.room)  # inherited by every connection task made from here
+        READ_PACE.set(
+            self.reactor.backpressure
+        )  # inherited by every connection task made from here
         self.metrics_server = await start_metrics_server(self.metrics, cfg.metrics)
         names = cfg.vm_names()
         for address in cfg.qmp:

@@ -136,9 +136,9 @@ class Dispatcher:
         """Rows in the journal's dead letters (refreshed every poll)."""
         return self._outbox.dead_letters
 
-    async def room(self) -> None:
-        """Wait while the journal, healthy but overloaded, is behind (see ``reactor.outbox``)."""
-        await self._outbox.room()
+    def backpressure(self) -> asyncio.Event | None:
+        """None while there is room; else an Event set once an overloaded journal has some."""
+        return self._outbox.backpressure()
 
     def submit(self, firing: Firing) -> list[Invocation]:
         """Accept a firing's actions; returns their invocations, at once, without running them.

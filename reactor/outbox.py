@@ -16,7 +16,7 @@ memory, sets ``healthy`` to false, logs once per failure streak and retries
 with backoff; the work it held is delayed, not lost.
 
 Overload is another matter: a healthy journal that cannot keep up with the
-events. Past ``high_water`` unwritten rows, ``room()`` makes whoever awaits it
+events. Past ``high_water`` unwritten rows, ``backpressure()`` makes its callers
 (the readers of the QMP sockets) wait until the writer is back under
 ``low_water``, so the events wait in the sockets rather than the firings being
 refused. A failing journal opens the gate again: then it is the dispatcher's
@@ -127,10 +127,9 @@ class Outbox:
         if self._pending.rows > self.high_water and self.healthy:
             self._room.clear()
 
-    async def room(self) -> None:
-        """Return at once, or once an overloaded (healthy) journal is back under ``low_water``."""
-        if not self._room.is_set():
-            await self._room.wait()
+    def backpressure(self) -> asyncio.Event | None:
+        """None while there is room; else an Event set once an overloaded journal has some."""
+        return None if self._room.is_set() else self._room
 
     def update(self, inv: Invocation) -> None:
         """Queue the current state (status, attempts, error, times) of a written row."""

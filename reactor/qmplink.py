@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextvars import ContextVar
 from typing import Any
 
@@ -38,11 +38,15 @@ MAX_MESSAGE = 1 << 20
 BURST = 32
 """Events of one VM handled before the loop turns to the others (a flood must not starve them)."""
 
-READ_PACE: ContextVar[Callable[[], Awaitable[None]] | None] = ContextVar("read_pace", default=None)
-"""Awaited between bursts of events: how an overloaded consumer slows the readers down.
+READ_PACE: ContextVar[Callable[[], asyncio.Event | None] | None] = ContextVar(
+    "read_pace", default=None
+)
+"""Asked before each event of an announced session: None to deliver it, else an
+``asyncio.Event`` to wait for first (the consumer is overloaded). Replies and the
+events of a session being opened are never held.
 
-Set it before the connections start (``Daemon`` sets ``Reactor.room``); their
-tasks inherit it, so the connection layers in between need not carry it.
+Set it before the connections start (``Daemon`` sets ``Reactor.backpressure``);
+their tasks inherit it, so the connection layers in between need not carry it.
 """
 
 HOLD_MAX = 10_000
@@ -134,14 +138,12 @@ class QmpLink(QMPClient):
 
     async def _do_recv(self) -> Message:
         burst = 0
+        pace = READ_PACE.get()
         while True:
             if burst >= BURST:
                 # A line already buffered is read without a pause: let the other VMs in.
                 burst = 0
                 await asyncio.sleep(0)
-                pace = READ_PACE.get()
-                if pace is not None:
-                    await pace()
             try:
                 raw = await self._readline()
             except ValueError as err:  # the stream reader's limit: it dropped the buffer
@@ -161,8 +163,10 @@ class QmpLink(QMPClient):
             sink = self.sink
             if sink is None:
                 self._hold(obj, received)
-            else:
-                sink(obj, received)
+                continue
+            if pace is not None and (gate := pace()) is not None:
+                await gate.wait()  # overloaded: this event waits, and what follows it in the socket
+            sink(obj, received)
 
     def _cb_inbound(self, msg: Message) -> Message:
         # The library formats every message with str() for a debug line even
