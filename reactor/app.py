@@ -33,7 +33,13 @@ from reactor.journal import Invocation, Journal, journal_path
 from reactor.matcher import RuleSet
 from reactor.model import Envelope
 from reactor.secrets import SecretResolver, redact
-from reactor.templates import CompiledParams, compile_params, format_path, template_variables
+from reactor.templates import (
+    CompiledParams,
+    compile_params,
+    format_path,
+    is_template,
+    template_variables,
+)
 from reactor.vmconnection import hostname, qemu_timestamp
 
 log = logging.getLogger("reactor")
@@ -43,29 +49,43 @@ class Renderer:
     """Renders an invocation's raw ``with:`` parameters: templates, secrets, validation.
 
     Compiled templates are cached by their source, so a resumed invocation (whose
-    rule may have changed since) renders exactly what was journaled.
+    rule may have changed since) renders exactly what was journaled. A rule's own
+    parameters are also found by identity, without serialising them; parameters
+    with no template or secret are rendered without building template variables.
     """
 
     def __init__(self, resolver: SecretResolver | None = None, limit: int = 4096) -> None:
         self.resolver = resolver or SecretResolver()
         self.limit = limit
-        self._cache: dict[bytes, CompiledParams] = {}
+        self._cache: dict[bytes, tuple[CompiledParams, bool]] = {}
+        # Keyed by id(); each entry keeps its params alive, so an id is never reused meanwhile.
+        self._by_id: dict[int, tuple[Mapping[str, Any], CompiledParams, bool]] = {}
 
-    def _compiled(self, params: Mapping[str, Any]) -> CompiledParams:
+    def _compiled(self, params: Mapping[str, Any]) -> tuple[CompiledParams, bool]:
+        """The compiled params, and whether they hold any template or secret reference."""
+        mine = self._by_id.get(id(params))
+        if mine is not None and mine[0] is params:
+            return mine[1], mine[2]
         key = orjson.dumps(params, option=orjson.OPT_SORT_KEYS, default=str)
         found = self._cache.get(key)
         if found is None:
             if len(self._cache) >= self.limit:
                 self._cache.clear()
-            found = self._cache[key] = compile_params(params)
+            found = self._cache[key] = (compile_params(params), _templated(params))
+        if len(self._by_id) >= self.limit:
+            self._by_id.clear()
+        self._by_id[id(params)] = (params, *found)
         return found
 
     def __call__(self, inv: Invocation, kind: ActionType) -> BaseModel:
         """The validated parameter model for ``inv``; PermanentActionError if invalid."""
-        variables = template_variables(
-            inv.envelope, rule=inv.rule, context=inv.context, now=time.time()
+        compiled, templated = self._compiled(inv.spec.params)
+        variables = (
+            template_variables(inv.envelope, rule=inv.rule, context=inv.context, now=time.time())
+            if templated
+            else {}  # nothing would read them
         )
-        rendered = self._compiled(inv.spec.params).render(variables, secrets=self.resolver)
+        rendered = compiled.render(variables, secrets=self.resolver)
         try:
             return kind.params.model_validate(rendered)
         except ValidationError as err:
@@ -80,6 +100,17 @@ class Renderer:
 
 SWITCH_INTERVAL = 0.0005
 """Seconds a busy thread holds the GIL while another waits for it (Python's default: 0.005)."""
+
+
+def _templated(value: Any) -> bool:
+    """Whether ``value`` holds a string that ``compile_params`` compiles."""
+    if isinstance(value, str):
+        return is_template(value)
+    if isinstance(value, Mapping):
+        return any(_templated(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_templated(v) for v in value)
+    return False
 
 
 def tune_for_serving() -> None:
