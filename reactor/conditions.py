@@ -17,6 +17,8 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
+from types import CodeType
 from typing import Any
 
 from reactor.model import CompiledPath, Envelope
@@ -315,11 +317,18 @@ def _never(env: Envelope) -> bool:
     return False
 
 
+@lru_cache(maxsize=4096)
+def generated_code(src: str, filename: str) -> CodeType:
+    """``src`` compiled once: conditions of one shape share their source, only names differ."""
+    code: CodeType = compile(src, filename, "exec")
+    return code
+
+
 def compile_predicate(cond: Cond) -> Predicate:
     """One generated function for ``cond``: plain paths read once, tests inlined."""
     b = SourceBuilder()
     src = b.function("def pred(env):", [f"    return {b.expr(cond)}"])
-    exec(compile(src, "<condition>", "exec"), b.ns)  # our own generated source only
+    exec(generated_code(src, "<condition>"), b.ns)  # our own generated source only
     fn: Predicate = b.ns["pred"]
     return fn
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from reactor.conditions import SourceBuilder
+from reactor.conditions import SourceBuilder, generated_code
 from reactor.model import Envelope, Firing, Rule
 
 Matcher = Callable[[Envelope], list[Rule]]
@@ -121,7 +121,7 @@ def _generate(
         else:
             body.append(f"    if {b.expr(rule.when)}:\n        {action(i, rule)}")
     src = b.function("def f(env):", [*body, f"    return {result}"])
-    exec(compile(src, "<rules>", "exec"), b.ns)  # our own generated source only
+    exec(generated_code(src, "<rules>"), b.ns)  # our own generated source only
     return b.ns["f"]
 
 
