@@ -4,7 +4,8 @@ Both run in this process, alternately, over the same lines: the bare loop only
 parses each line with the standard library (the floor for Python); the replay
 reads them from a file as the command does, with the default pack and 100
 generated rules, and writes its dry-run lines to /dev/null. Rule loading is not
-timed (``startup`` measures it).
+timed (``startup`` measures it). The ratio is of CPU time, which other work on a
+shared machine disturbs much less than wall time; both are shown.
 """
 
 from __future__ import annotations
@@ -32,34 +33,37 @@ def bench_replay(n: int, runs: int) -> list[Row]:
         events.write_text("".join(lines))
         rules, _ = require_rules([write_rules(Path(tmp) / "rules", 100)])
 
-        def bare() -> float:
+        def bare() -> tuple[float, float]:
             loads = json.loads
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for line in lines:
                 loads(line)
-            return n / (time.perf_counter() - t)
+            return n / (time.perf_counter() - t), n / (time.process_time() - c)
 
-        def dry_run() -> float:
+        def dry_run() -> tuple[float, float]:
             with open(os.devnull, "w") as out:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 result = replay(
                     open_inputs([str(events)]), rules, sink=DryRunWriter(out), collect=False
                 )
                 out.flush()
-                rate = n / (time.perf_counter() - t)
+                rates = n / (time.perf_counter() - t), n / (time.process_time() - c)
             assert result.events == n and not result.problems
-            return rate
+            return rates
 
         base, mine = [], []
         for _ in range(runs):  # alternated, so both see the same machine
             base.append(bare())
             mine.append(dry_run())
-    ratios = [m / b for m, b in zip(mine, base, strict=True)]
-    ratio = median(ratios)
+    wall = [m[0] / b[0] for m, b in zip(mine, base, strict=True)]
+    cpu = [m[1] / b[1] for m, b in zip(mine, base, strict=True)]
+    ratio = median(cpu)
+    bare_rate, replay_rate = median([b[0] for b in base]), median([m[0] for m in mine])
     return [
-        Row("replay: bare json.loads loop", f"{median(base):,.0f} ev/s",
-            f"runs {spread(base)}", f"{n:,} events"),
-        Row("replay: dry run, default pack + 100 rules", f"{median(mine):,.0f} ev/s",
-            f"{ratio:.0%} of bare (pairs {min(ratios):.0%}..{max(ratios):.0%})",
+        Row("replay: bare json.loads loop", f"{bare_rate:,.0f} ev/s",
+            f"runs {spread([b[0] for b in base])}", f"{n:,} events"),
+        Row("replay: dry run, default pack + 100 rules", f"{replay_rate:,.0f} ev/s",
+            f"{ratio:.0%} of bare in CPU time (pairs {min(cpu):.0%}..{max(cpu):.0%}); "
+            f"{median(wall):.0%} in wall time",
             f">= {TARGET:.0%} of bare", verdict(ratio >= TARGET)),
     ]  # fmt: skip
