@@ -7,6 +7,10 @@ with the journal (as ``run`` is deployed) and without it (in memory).
 
 from __future__ import annotations
 
+import os
+import tempfile
+import time
+
 from common import Row, median, spread, verdict
 from live import LiveResult, bare_latency, latency, percentile, throughput
 
@@ -42,13 +46,34 @@ def _p(result: LiveResult | list[int], q: float) -> float:
     return _ms(percentile(values, q))
 
 
+def fsync_latency(count: int = 1000) -> list[int]:
+    """The journal's floor: append 4 KiB to a file in a temp dir and fsync it, ``count`` times."""
+    block = b"x" * 4096
+    out = []
+    with tempfile.TemporaryDirectory(prefix="qr-bench-") as tmp:
+        fd = os.open(os.path.join(tmp, "f"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            for _ in range(count):
+                t = time.monotonic_ns()
+                os.write(fd, block)
+                os.fsync(fd)
+                out.append(time.monotonic_ns() - t)
+        finally:
+            os.close(fd)
+    return out
+
+
 def bench_latency(seconds: float, runs: int) -> list[Row]:
-    """p50 and p99 from write to action start at 1,000 events/s, next to the bare floor."""
+    """p50 and p99 from write to action start at 1,000 events/s, next to the floors."""
     bare = [bare_latency(1000, seconds) for _ in range(runs)]
+    disk = [fsync_latency() for _ in range(runs)]
     rows = [
         Row("latency: bare socket reader (floor)",
             f"p50 {median([_p(b, .5) for b in bare]):.2f} ms",
             f"p99 {median([_p(b, .99) for b in bare]):.2f} ms", "", ""),
+        Row("latency: fsync of 4 KiB in the temp dir (journal's floor)",
+            f"p50 {median([_p(d, .5) for d in disk]):.2f} ms",
+            f"p99 {median([_p(d, .99) for d in disk]):.2f} ms", "", ""),
     ]  # fmt: skip
     for journal in (True, False):
         results = [latency(1000, seconds, journal) for _ in range(runs)]
