@@ -24,8 +24,8 @@ TARGET = 0.5
 
 def bench_replay(n: int, runs: int) -> list[Row]:
     """Events per second of a dry-run replay and of the bare loop, median of ``runs`` pairs."""
-    from reactor.replay import DryRunWriter, open_inputs, replay
-    from reactor.rules import require_rules
+    from reactor.engine.replay import DryRunWriter, open_inputs, replay
+    from reactor.rules.compiler import require_rules
 
     lines = [x + "\n" for x in event_lines(n)]
     with tempfile.TemporaryDirectory(prefix="qr-bench-") as tmp:

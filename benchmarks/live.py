@@ -191,14 +191,14 @@ class Rig:
 
     async def start(self, peer_cpu: int | None) -> None:
         """Rules, peer, reactor, connections: everything up, as the daemon is once ready."""
-        from reactor.actions.base import ActionType
-        from reactor.app import Reactor, tune_for_serving
         from reactor.clock import AsyncioClock
-        from reactor.config import Config
-        from reactor.connections import ConnectionManager
-        from reactor.plugins import load_plugins
-        from reactor.qmplink import READ_PACE
-        from reactor.rules import require_rules
+        from reactor.plugins.api import ActionType
+        from reactor.plugins.manager import load_plugins
+        from reactor.rules.compiler import require_rules
+        from reactor.service.config import Config
+        from reactor.service.reactor import Reactor, tune_for_serving
+        from reactor.sources.manager import ConnectionManager
+        from reactor.sources.session import READ_PACE
 
         rules_dir = write_rules(self.tmp / "rules", 100)
         (rules_dir / "bench.yaml").write_text(BENCH_RULE)

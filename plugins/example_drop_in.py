@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from reactor.actions.base import ActionContext, ActionType
-from reactor.hookspecs import Register, hookimpl
+from reactor.plugins.api import ActionContext, ActionType
+from reactor.plugins.hookspecs import Register, hookimpl
 
 
 class AppendLineParams(BaseModel):

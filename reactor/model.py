@@ -1,7 +1,7 @@
 """The compiled rule model: frozen, typed objects built once at load.
 
 Everything the hot path touches is here, already validated: no YAML, no
-JSONPath parsing, no string durations. ``reactor.rules`` builds these from rule
+JSONPath parsing, no string durations. ``reactor.rules.compiler`` builds these from rule
 files; the engine, the windows and the dispatcher only read them.
 """
 
@@ -89,7 +89,7 @@ class Rule:
     condition: Predicate | None = None
     explain: Callable[[Envelope], str | None] | None = None
     when: Any = None
-    """The condition as data (``reactor.conditions.Cond``), for matchers that compile it."""
+    """The condition as data (``reactor.rules.conditions.Cond``), for matchers that compile it."""
     throttle: Throttle | None = None
     threshold: Threshold | None = None
     mode: RuleMode = "queued"

@@ -23,11 +23,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from reactor.actions.base import ActionContext, ActionSettings, ActionType
-from reactor.dispatch import Dispatcher
+from reactor.dispatch.dispatcher import Dispatcher
+from reactor.dispatch.journal import Invocation, Journal
 from reactor.errors import Location
-from reactor.journal import Invocation, Journal
 from reactor.model import ActionSpec, Firing, Rule
+from reactor.plugins.api import ActionContext, ActionSettings, ActionType
 
 
 class NoParams(BaseModel):

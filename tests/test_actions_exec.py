@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from reactor.actions.base import ActionContext, ActionSettings, CheckContext
 from reactor.actions.exec import DISABLED, EXEC, ExecParams, run_exec
 from reactor.actions.prepare import prepare_action
 from reactor.errors import PermanentActionError, TransientActionError
-from reactor.secrets import SecretResolver
+from reactor.params.secrets import SecretResolver
+from reactor.plugins.api import ActionContext, ActionSettings, CheckContext
 
 ENVELOPE = {"event": "WATCHDOG", "data": {"action": "reset"}, "vm": "web1", "seq": 9}
 ENABLED = ActionSettings(exec_enabled=True)

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from reactor.actions.base import ActionContext, ActionSettings
 from reactor.actions.log import LOG
 from reactor.actions.prepare import prepare_action
 from reactor.actions.restart_vm import RESTART_VM
 from reactor.errors import PermanentActionError
-from reactor.secrets import Redactor, SecretResolver
+from reactor.params.secrets import Redactor, SecretResolver
+from reactor.plugins.api import ActionContext, ActionSettings
 
 ENVELOPE = {"event": "BLOCK_JOB_ERROR", "data": {"device": "drive0"}, "vm": "db1", "seq": 41}
 

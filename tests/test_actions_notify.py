@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from reactor.actions.base import ActionContext, ActionSettings, CheckContext
 from reactor.actions.notify import NOTIFY, NotifyParams
 from reactor.actions.prepare import prepare_action
 from reactor.errors import PermanentActionError, TransientActionError
+from reactor.plugins.api import ActionContext, ActionSettings, CheckContext
 
 ENVELOPE = {"event": "GUEST_PANICKED", "data": {"action": "pause"}, "vm": "web1", "seq": 2}
 

@@ -15,10 +15,10 @@ from qemu.qmp import ExecuteError
 from qemu.qmp.message import Message
 from qemu.qmp.models import ErrorResponse
 
-from reactor.actions.base import ActionContext, ActionSettings, CheckContext
 from reactor.actions.prepare import prepare_action
 from reactor.actions.qmp import QMP, QmpParams
 from reactor.errors import PermanentActionError, TransientActionError
+from reactor.plugins.api import ActionContext, ActionSettings, CheckContext
 
 ENVELOPE = {"event": "BLOCK_IO_ERROR", "data": {"device": "virtio0"}, "vm": "db1", "seq": 3}
 

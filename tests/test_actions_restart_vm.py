@@ -17,10 +17,10 @@ from qemu.qmp import ExecuteError
 from qemu.qmp.message import Message
 from qemu.qmp.models import ErrorResponse
 
-from reactor.actions.base import ActionContext, ActionSettings, CheckContext
 from reactor.actions.exec import DISABLED
 from reactor.actions.restart_vm import RestartGuard, RestartParams, make_restart_vm
 from reactor.errors import PermanentActionError, TransientActionError
+from reactor.plugins.api import ActionContext, ActionSettings, CheckContext
 
 CAUSE = ("panic", "restart_vm")
 

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 from reactor import __version__
-from reactor.actions.base import ActionContext, ActionSettings, CheckContext
 from reactor.actions.prepare import prepare_action
 from reactor.actions.webhook import (
     WEBHOOK,
@@ -29,7 +28,8 @@ from reactor.actions.webhook import (
     run_webhook,
 )
 from reactor.errors import PermanentActionError, TransientActionError
-from reactor.secrets import Redactor, SecretResolver
+from reactor.params.secrets import Redactor, SecretResolver
+from reactor.plugins.api import ActionContext, ActionSettings, CheckContext
 
 ENVELOPE = {
     "event": "GUEST_PANICKED",

@@ -11,13 +11,13 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from reactor.actions.base import ActionContext, ActionSettings, ActionType
-from reactor.connections import ConnectionManager
-from reactor.dispatch import Dispatcher
+from reactor.dispatch.dispatcher import Dispatcher
+from reactor.dispatch.journal import Invocation, Journal
 from reactor.errors import Location
-from reactor.journal import Invocation, Journal
 from reactor.model import ActionSpec, Envelope, Firing, Rule
-from reactor.qmplink import BURST, READ_PACE
+from reactor.plugins.api import ActionContext, ActionSettings, ActionType
+from reactor.sources.manager import ConnectionManager
+from reactor.sources.session import BURST, READ_PACE
 from tests import fakeqmp
 from tests.fakeqmp import FakeQmp
 

@@ -29,8 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reactor.cli import main
-from reactor.connections import ConnectionManager
-from reactor.replay import parse_event
+from reactor.engine.replay import parse_event
+from reactor.sources.manager import ConnectionManager
 from tests import fakeqmp
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -143,7 +143,7 @@ TREES = st.recursive(
 
 
 # Characters PyYAML's reader refuses before parsing (yaml.reader.Reader.NON_PRINTABLE). A file
-# holding one makes the loader raise outside the error handling of reactor.yamlload today;
+# holding one makes the loader raise outside the error handling of reactor.rules.yamlload today;
 # ``test_unprintable_characters_are_located`` shows it. The properties below keep them out so
 # they keep testing everything else.
 UNPRINTABLE = re.compile(

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from reactor.conditions import COMBINATORS, OPERATORS, json_equal
-from reactor.rules import load_rules
+from reactor.rules.compiler import load_rules
+from reactor.rules.conditions import COMBINATORS, OPERATORS, json_equal
 
 ENV: dict[str, Any] = {
     "event": "QUORUM_REPORT_BAD",

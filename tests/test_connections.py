@@ -25,15 +25,15 @@ from typing import Any
 
 import pytest
 
-from reactor import listen as listen_mode
-from reactor.causes import Expectations
 from reactor.cli import main as cli_main
-from reactor.commands.tail import json_line, text_line
-from reactor.connections import ConnectionManager, VmConnection
-from reactor.discovery import default_vm_name, is_loopback, parse_address
+from reactor.cli.tail import json_line, text_line
+from reactor.engine.replay import parse_event
 from reactor.errors import ConfigError, PermanentActionError, TransientActionError
 from reactor.model import Envelope
-from reactor.replay import parse_event
+from reactor.sources import server as listen_mode
+from reactor.sources.caused_by import Expectations
+from reactor.sources.discovery import default_vm_name, is_loopback, parse_address
+from reactor.sources.manager import ConnectionManager, VmConnection
 from tests import fakeqmp
 from tests.fakeqmp import FakeQmp, Peer
 

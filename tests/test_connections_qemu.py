@@ -1,4 +1,4 @@
-"""The QMP connection layer against real QEMU 7.2 (reactor.sandbox.ThrowawayQemu).
+"""The QMP connection layer against real QEMU 7.2 (reactor.demo.machine.ThrowawayQemu).
 
 Each QEMU gets an extra QMP socket for the connection under test while the
 sandbox's driver socket provokes events (QEMU sends every event to every
@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from reactor.connections import ConnectionManager, VmConnection
-from reactor.sandbox import ThrowawayQemu
+from reactor.demo.machine import ThrowawayQemu
+from reactor.sources.manager import ConnectionManager, VmConnection
 from tests.test_connections import ENVELOPE_KEYS, Recorder
 
 pytestmark = pytest.mark.qemu

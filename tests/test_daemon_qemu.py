@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from reactor.sandbox import ThrowawayQemu
+from reactor.demo.machine import ThrowawayQemu
 
 RULES = """\
 rules:

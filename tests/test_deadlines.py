@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from reactor.deadlines import Deadlines
+from reactor.dispatch.deadlines import Deadlines
 
 Outcome = tuple[str, str]
 

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from reactor.actions.base import ActionContext, ActionSettings, ActionType
-from reactor.dispatch import ActionOutcome, Dispatcher
+from reactor.dispatch.dispatcher import ActionOutcome, Dispatcher
+from reactor.dispatch.journal import Invocation, Journal
 from reactor.errors import Location, PermanentActionError, TransientActionError
-from reactor.journal import Invocation, Journal
 from reactor.model import ActionSpec, Firing, RetryPolicy, Rule, RuleMode
+from reactor.plugins.api import ActionContext, ActionSettings, ActionType
 
 FAST = RetryPolicy(attempts=5, initial=1.0, max=30.0, multiplier=2.0, jitter=0.0)
 
@@ -254,7 +254,7 @@ def test_permanent_errors_are_not_retried(tmp_path: Path) -> None:
 def test_a_plugin_bug_is_logged_with_traceback_and_dead_lettered(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="reactor.runner"):
+    with caplog.at_level(logging.ERROR, logger="reactor.dispatch.attempts"):
         rig = run(tmp_path, submit_all(firing(rule("r", ("boom", {})))))
     assert len(rig.lab.calls) == 1
     assert rig.outcomes[-1].status == "dead"

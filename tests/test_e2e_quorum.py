@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from reactor.sandbox import ThrowawayQemu
+from reactor.demo.machine import ThrowawayQemu
 from tests.support.receiver import Hook, WebhookReceiver
 from tests.support.sidecar import DEFAULT_RULES, Sidecar
 from tests.support.tap import Event, EventTap

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from reactor.sandbox import ThrowawayQemu
+from reactor.demo.machine import ThrowawayQemu
 from tests.support.sidecar import DEFAULT_RULES, Sidecar
 
 pytestmark = pytest.mark.qemu

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from reactor.sandbox import ThrowawayQemu
+from reactor.demo.machine import ThrowawayQemu
 from tests import fakeqmp
 from tests.support.ops import Receiver, Sidecar, webhook_rule, write_rules
 
@@ -403,8 +403,8 @@ def test_windows_live_on_the_monotonic_clock_while_the_wall_clock_jumps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from reactor.clock import AsyncioClock
-    from reactor.engine import Engine
-    from reactor.rules import require_rules
+    from reactor.engine.core import Engine
+    from reactor.rules.compiler import require_rules
 
     (tmp_path / "rules.yaml").write_text(TIME_RULES)
     rules, _ = require_rules([tmp_path / "rules.yaml"])

@@ -17,11 +17,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from reactor import journal as journal_module
-from reactor.actions.base import ActionContext, ActionSettings, ActionType
-from reactor.dispatch import Dispatcher
-from reactor.errors import ConfigError, Location, UserError
-from reactor.journal import (
+from reactor.dispatch import journal as journal_module
+from reactor.dispatch.dispatcher import Dispatcher
+from reactor.dispatch.journal import (
     ActionSpecData,
     Invocation,
     Journal,
@@ -29,7 +27,9 @@ from reactor.journal import (
     default_state_dir,
     new_id,
 )
+from reactor.errors import ConfigError, Location, UserError
 from reactor.model import ActionSpec, Firing, RetryPolicy, Rule
+from reactor.plugins.api import ActionContext, ActionSettings, ActionType
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ActionSpecData("webhook", {"url": "https://hooks/{{ vm }}"}, RetryPolicy(attempts=4), 9.5)
@@ -247,7 +247,7 @@ def test_a_full_journal_keeps_the_work_in_memory_and_recovers(
         await d.shutdown(0)
         journal.close()
 
-    with caplog.at_level(logging.WARNING, logger="reactor.outbox"):
+    with caplog.at_level(logging.WARNING, logger="reactor.dispatch.groupcommit"):
         asyncio.run(main())
     assert sorted(c.envelope["seq"] for c in calls) == list(range(100))
     failed, recovered = (r.getMessage() for r in caplog.records)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from reactor.journal import Journal
+from reactor.dispatch.journal import Journal
 
 ROOT = Path(__file__).resolve().parents[1]
 FAILURES = 3  # 503s per key before a 200
@@ -36,10 +36,10 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel
 
-from reactor.actions.base import ActionContext, ActionSettings, ActionType
-from reactor.dispatch import Dispatcher
+from reactor.plugins.api import ActionContext, ActionSettings, ActionType
+from reactor.dispatch.dispatcher import Dispatcher
 from reactor.errors import Location, TransientActionError
-from reactor.journal import Journal
+from reactor.dispatch.journal import Journal
 from reactor.model import ActionSpec, Firing, RetryPolicy, Rule
 
 state, url, count = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])

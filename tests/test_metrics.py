@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from reactor import metrics as metrics_mod
-from reactor.config import MetricsConfig
+from reactor.demo.machine import ThrowawayQemu
 from reactor.errors import ConfigError
-from reactor.hookspecs import ActionOutcome
-from reactor.metrics import (
+from reactor.plugins.hookspecs import ActionOutcome
+from reactor.service import metrics as metrics_mod
+from reactor.service.config import MetricsConfig
+from reactor.service.metrics import (
     MAX_EVENTS_PER_VM,
     Metrics,
     MetricsServer,
@@ -30,7 +31,6 @@ from reactor.metrics import (
     parse_listen,
     start_metrics_server,
 )
-from reactor.sandbox import ThrowawayQemu
 from tests.support.ops import Receiver, Sidecar, parse_metrics, webhook_rule, write_rules
 
 
@@ -249,7 +249,7 @@ def test_a_chosen_address_must_work_the_default_may_be_taken(
         await everywhere.close()
         return None
 
-    with caplog.at_level(logging.WARNING, "reactor.metrics"), taken:
+    with caplog.at_level(logging.WARNING, "reactor.service.metrics"), taken:
         asyncio.run(main())
     messages = [r.getMessage() for r in caplog.records]
     assert any("running without metrics" in m for m in messages)

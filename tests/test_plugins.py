@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from reactor import hookspecs
-from reactor.actions.base import ActionType
 from reactor.cli import main
 from reactor.errors import PluginError
-from reactor.hookspecs import ActionOutcome, hookimpl
-from reactor.plugins import (
+from reactor.plugins import hookspecs
+from reactor.plugins.api import ActionType
+from reactor.plugins.hookspecs import ActionOutcome, hookimpl
+from reactor.plugins.manager import (
     BUILTIN_PLUGINS,
     PluginOrigin,
     Plugins,
@@ -34,8 +34,8 @@ BUILTIN_ACTIONS = {"log", "webhook", "exec", "qmp", "restart_vm", "notify"}
 TOUCH_PLUGIN = """
 from pathlib import Path
 from pydantic import BaseModel
-from reactor.actions.base import ActionType
-from reactor.hookspecs import hookimpl
+from reactor.plugins.api import ActionType
+from reactor.plugins.hookspecs import hookimpl
 
 class TouchParams(BaseModel):
     path: str
@@ -138,7 +138,7 @@ def test_malformed_action_names_are_refused(tmp_path: Path, name: str) -> None:
 
 def test_register_refuses_what_is_not_an_action_type(tmp_path: Path) -> None:
     source = """
-        from reactor.hookspecs import hookimpl
+        from reactor.plugins.hookspecs import hookimpl
 
         @hookimpl
         def reactor_register_actions(register):
@@ -203,7 +203,7 @@ def test_reactor_event_observer_failure_is_logged_and_isolated(
 ) -> None:
     plugins, _, good = with_recorders(tmp_path)
     envelope = {"event": "STOP", "vm": "a", "data": {}}
-    with caplog.at_level(logging.ERROR, logger="reactor.plugins"):
+    with caplog.at_level(logging.ERROR, logger="reactor.plugins.manager"):
         plugins.event(envelope)
     assert good.events == [envelope]
     assert "plugin 'bad' failed in reactor_event" in caplog.text
@@ -214,7 +214,7 @@ def test_reactor_action_outcome_reaches_observers(
 ) -> None:
     plugins, _, good = with_recorders(tmp_path)
     outcome = ActionOutcome("inv-1", "r", "webhook", "vm1", "STOP", "retry", 1, "HTTP 503", 0.2)
-    with caplog.at_level(logging.ERROR, logger="reactor.plugins"):
+    with caplog.at_level(logging.ERROR, logger="reactor.plugins.manager"):
         plugins.action_outcome(outcome)
     assert good.outcomes == [outcome]
     assert "failed in reactor_action_outcome" in caplog.text
@@ -224,7 +224,7 @@ def test_reactor_startup_and_reactor_shutdown_are_awaited(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     plugins, bad, good = with_recorders(tmp_path)
-    with caplog.at_level(logging.ERROR, logger="reactor.plugins"):
+    with caplog.at_level(logging.ERROR, logger="reactor.plugins.manager"):
         asyncio.run(plugins.startup("cfg"))
         asyncio.run(plugins.shutdown())
     assert good.lifecycle == ["startup cfg", "shutdown"]
@@ -237,7 +237,7 @@ def test_failing_startup_is_a_plugin_error_naming_it(tmp_path: Path) -> None:
         tmp_path,
         "nostart",
         """
-        from reactor.hookspecs import hookimpl
+        from reactor.plugins.hookspecs import hookimpl
 
         @hookimpl
         def reactor_startup(settings):
@@ -278,7 +278,7 @@ def test_installed_distribution_loads_through_entry_points(tmp_path: Path) -> No
     script = textwrap.dedent(
         """
         import asyncio, json
-        from reactor.plugins import load_plugins
+        from reactor.plugins.manager import load_plugins
         plugins = load_plugins(plugin_dirs=())
         kind = plugins.action_types()["stdout"]
         asyncio.run(kind.run(kind.params(line="hello from a distribution"), None))

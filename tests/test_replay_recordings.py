@@ -28,12 +28,12 @@ from typing import Any
 
 import pytest
 
-from reactor.actions.base import ActionSettings
-from reactor.matcher import RuleSet
+from reactor.engine.replay import open_inputs, replay
 from reactor.model import Firing, Rule
-from reactor.plugins import load_plugins
-from reactor.replay import open_inputs, replay
-from reactor.rules import load_rules
+from reactor.plugins.api import ActionSettings
+from reactor.plugins.manager import load_plugins
+from reactor.rules.compiler import load_rules
+from reactor.rules.ruleset import RuleSet
 
 REPO = Path(__file__).resolve().parents[1]
 EVENTS_DIR = REPO / "examples" / "events"

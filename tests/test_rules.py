@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from reactor.actions.base import ActionSettings
-from reactor.commands._common import load_action_types
-from reactor.rules import load_rules
+from reactor.cli._common import load_action_types
+from reactor.plugins.api import ActionSettings
+from reactor.rules.compiler import load_rules
 
 
 def problems(tmp_path: Path, text: str, *, raw: bytes | None = None) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from reactor.errors import PermanentActionError
-from reactor.secrets import (
+from reactor.params.secrets import (
     RedactingFilter,
     Redactor,
     SecretResolver,
@@ -16,7 +16,7 @@ from reactor.secrets import (
     reference_problem,
     secret_warnings,
 )
-from reactor.templates import compile_params, find_problems, template_variables
+from reactor.params.templates import compile_params, find_problems, template_variables
 
 ENVELOPE = {"event": "GUEST_PANICKED", "data": {}, "vm": "db1", "seq": 1, "received_at": 0.0}
 

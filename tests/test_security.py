@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from reactor.permissions import PLUGINS, RULES, path_warnings, why_writable
-from reactor.sandbox import ThrowawayQemu
+from reactor.demo.machine import ThrowawayQemu
+from reactor.service.permissions import PLUGINS, RULES, path_warnings, why_writable
 from tests import fakeqmp
 from tests.support.ops import Receiver, Sidecar, signature_ok
 from tests.test_faults import PeerThread
@@ -386,8 +386,8 @@ def unit_settings(path: Path) -> dict[str, list[str]]:
 
 def test_the_example_unit_is_unprivileged_and_sandboxed(tmp_path: Path) -> None:
     from reactor.cli import build_parser
-    from reactor.config import load_config
     from reactor.durations import parse_duration
+    from reactor.service.config import load_config
 
     examples = REPO / "examples" / "systemd"
     unit = unit_settings(examples / "qmp-reactor.service")

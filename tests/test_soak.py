@@ -15,8 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from reactor.connections import ConnectionManager
 from reactor.model import Envelope
+from reactor.sources.manager import ConnectionManager
 from tests import fakeqmp
 from tests.fakeqmp import FakeQmp
 

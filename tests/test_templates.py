@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import pytest
 
 from reactor.errors import PermanentActionError
-from reactor.secrets import Redactor, SecretResolver
-from reactor.templates import (
+from reactor.params.secrets import Redactor, SecretResolver
+from reactor.params.templates import (
     TemplateSyntaxProblem,
     compile_params,
     find_problems,

@@ -19,8 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from reactor.journal import Journal
-from reactor.sandbox import ThrowawayQemu
+from reactor.demo.machine import ThrowawayQemu
+from reactor.dispatch.journal import Journal
 from tests.support.ops import Receiver, Sidecar, webhook_rule, write_rules
 
 FIXTURE = Path(__file__).parent / "data" / "journal-0.1.0.sql"

@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 
-from reactor.catalog import load_catalog
 from reactor.clock import AsyncioClock, VirtualClock
+from reactor.engine.gates import QemuStage, RuleGate
 from reactor.errors import Location
 from reactor.model import CompiledPath, Envelope, Firing, Rule, Threshold, Throttle, ThrottleMode
-from reactor.windows import QemuStage, RuleGate, unreachable_threshold
+from reactor.rules.catalog import load_catalog
+from reactor.rules.lint import unreachable_threshold
 
 T0 = 1000.0
 TICK = 1 / 64

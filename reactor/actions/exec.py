@@ -17,11 +17,17 @@ from dataclasses import dataclass
 
 from pydantic import Field
 
-from reactor.actions.base import ActionContext, ActionSettings, ActionType, CheckContext
-from reactor.actions.params import ActionParams, Duration
 from reactor.errors import PermanentActionError, TransientActionError
-from reactor.hookspecs import Register, hookimpl
-from reactor.secrets import redact
+from reactor.params.secrets import redact
+from reactor.plugins.api import (
+    ActionContext,
+    ActionParams,
+    ActionSettings,
+    ActionType,
+    CheckContext,
+    Duration,
+)
+from reactor.plugins.hookspecs import Register, hookimpl
 
 DISABLED = "exec is disabled; set actions.exec.enabled: true in the configuration"
 OUTPUT_LIMIT = 4096

@@ -8,10 +8,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from reactor.actions.base import ActionContext, ActionType
-from reactor.actions.params import ActionParams
-from reactor.hookspecs import Register, hookimpl
-from reactor.secrets import redact
+from reactor.params.secrets import redact
+from reactor.plugins.api import ActionContext, ActionParams, ActionType
+from reactor.plugins.hookspecs import Register, hookimpl
 
 AUDIT = logging.getLogger("reactor.audit")
 _LEVELS = {

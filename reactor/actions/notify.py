@@ -14,12 +14,17 @@ from typing import Any
 
 from pydantic import Field
 
-from reactor.actions.base import ActionContext, ActionSettings, ActionType, CheckContext
-from reactor.actions.params import ActionParams
 from reactor.errors import PermanentActionError, TransientActionError
-from reactor.hookspecs import Register, hookimpl
-from reactor.secrets import redact
-from reactor.templates import is_template
+from reactor.params.secrets import redact
+from reactor.params.templates import is_template
+from reactor.plugins.api import (
+    ActionContext,
+    ActionParams,
+    ActionSettings,
+    ActionType,
+    CheckContext,
+)
+from reactor.plugins.hookspecs import Register, hookimpl
 
 notice_log = logging.getLogger("reactor.notify")
 

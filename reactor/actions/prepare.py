@@ -13,10 +13,10 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from reactor.actions.base import ActionContext, ActionType
 from reactor.errors import PermanentActionError
-from reactor.secrets import SecretResolver
-from reactor.templates import CompiledParams, compile_params, format_path, template_variables
+from reactor.params.secrets import SecretResolver
+from reactor.params.templates import CompiledParams, compile_params, format_path, template_variables
+from reactor.plugins.api import ActionContext, ActionType
 
 
 def prepare_action(action_type: ActionType, params: Mapping[str, Any]) -> PreparedAction:

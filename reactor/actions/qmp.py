@@ -6,11 +6,10 @@ from typing import Any
 
 from pydantic import Field
 
-from reactor.actions.base import ActionContext, ActionType, CheckContext
-from reactor.actions.params import ActionParams
-from reactor.actions.vmcall import execute
+from reactor.actions._vmcall import execute
 from reactor.errors import PermanentActionError
-from reactor.hookspecs import Register, hookimpl
+from reactor.plugins.api import ActionContext, ActionParams, ActionType, CheckContext
+from reactor.plugins.hookspecs import Register, hookimpl
 
 
 class QmpParams(ActionParams):

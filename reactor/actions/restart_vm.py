@@ -21,13 +21,12 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from reactor.actions.base import ActionContext, ActionType, CheckContext
+from reactor.actions._vmcall import execute, require_vm
 from reactor.actions.exec import DISABLED, last_line, refuse_unless_enabled, run_argv
-from reactor.actions.params import ActionParams, Duration
-from reactor.actions.vmcall import execute, require_vm
 from reactor.errors import PermanentActionError, TransientActionError
-from reactor.hookspecs import Register, hookimpl
-from reactor.secrets import redact
+from reactor.params.secrets import redact
+from reactor.plugins.api import ActionContext, ActionParams, ActionType, CheckContext, Duration
+from reactor.plugins.hookspecs import Register, hookimpl
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,11 @@ import httpx
 from pydantic import Field
 
 from reactor import __version__
-from reactor.actions.base import ActionContext, ActionType, CheckContext
-from reactor.actions.params import ActionParams, Duration
 from reactor.errors import PermanentActionError, TransientActionError
-from reactor.hookspecs import Register, hookimpl
-from reactor.secrets import redact
-from reactor.templates import is_template
+from reactor.params.secrets import redact
+from reactor.params.templates import is_template
+from reactor.plugins.api import ActionContext, ActionParams, ActionType, CheckContext, Duration
+from reactor.plugins.hookspecs import Register, hookimpl
 
 USER_AGENT = f"qmp-reactor/{__version__}"
 

@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from reactor.sandbox import ThrowawayQemu
+from reactor.demo.machine import ThrowawayQemu
 
 READY_MARKER = "GUEST-READY"
 PROMPT = "guest# "

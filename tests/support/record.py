@@ -1,7 +1,7 @@
 """Record real QMP event streams from a real QEMU into ``examples/events/*.jsonl``.
 
-Each scenario starts a :class:`~reactor.sandbox.ThrowawayQemu` with an extra QMP monitor called
-``recorder``, connects a :class:`~reactor.sandbox.QmpDriver` to it, provokes events through the
+Each scenario starts a :class:`~reactor.demo.machine.ThrowawayQemu` with an extra QMP monitor called
+``recorder``, connects a :class:`~reactor.demo.machine.QmpDriver` to it, provokes events through the
 driver's own monitor (or the guest's serial console) and writes every event the recorder
 monitor received, in arrival order, one per line. Each line is the event object exactly as
 QEMU sent it (QEMU's own key order and spacing, which ``json.dumps`` reproduces byte for byte)
@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from reactor.sandbox import QmpDriver, QmpError, ThrowawayQemu
+from reactor.demo.machine import QmpDriver, QmpError, ThrowawayQemu
 from tests.support.guest import booted_guest
 
 REPO = Path(__file__).resolve().parents[2]

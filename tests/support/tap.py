@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from reactor.sandbox import QmpDriver, QmpError
+from reactor.demo.machine import QmpDriver, QmpError
 
 Event = dict[str, Any]
 

@@ -10,8 +10,8 @@ import sys
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from reactor.actions.base import ActionContext, ActionType
-from reactor.hookspecs import Register, hookimpl
+from reactor.plugins.api import ActionContext, ActionType
+from reactor.plugins.hookspecs import Register, hookimpl
 
 
 class StdoutParams(BaseModel):

@@ -1,0 +1,135 @@
+"""``qmp-reactor tail``: watch live QMP events of one or more VMs.
+
+One readable line per event (local time, VM, event, compact data), or with
+``--json`` JSON lines in the format ``replay`` reads back: QEMU's ``event``,
+``data`` and ``timestamp`` plus ``vm``. The synthetic ``REACTOR_CONNECTED`` /
+``REACTOR_DISCONNECTED`` events are printed too, so a VM found paused, or one
+that died without a SHUTDOWN, shows. Runs until Ctrl-C or SIGTERM, then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from reactor.errors import ConfigError
+from reactor.model import Envelope
+from reactor.sources.discovery import check_dial_address, parse_address
+from reactor.sources.manager import ConnectionManager
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``tail`` subcommand."""
+    parser = subparsers.add_parser(
+        "tail",
+        help="print live QMP events",
+        description="Print the live QMP events of one or more VMs until Ctrl-C.",
+    )
+    parser.add_argument("addresses", nargs="*", metavar="ADDR", help="QMP socket path or host:port")
+    parser.add_argument(
+        "--json", action="store_true", help="JSON lines, as `qmp-reactor replay` reads them"
+    )
+    parser.add_argument(
+        "--qmp-glob",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="also follow unix sockets matching GLOB (e.g. '/run/qemu/*.qmp'); repeatable",
+    )
+    parser.add_argument(
+        "--listen", metavar="ADDR", help="also accept QEMUs connecting to ADDR (server mode)"
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Tail until interrupted; bad addresses raise ``ConfigError`` before anything starts."""
+    if not (args.addresses or args.qmp_glob or args.listen):
+        raise ConfigError("tail: give at least one ADDR, --qmp-glob or --listen")
+    for address in args.addresses:
+        check_dial_address(address)
+    if args.listen:
+        parse_address(args.listen)
+    asyncio.run(_tail(args, json_line if args.json else text_line))
+    return 0
+
+
+def text_line(env: Envelope) -> str:
+    """One readable line: local time, VM, event, and the data as compact JSON."""
+    line = f"{_clock(env.get('timestamp'))} {env['vm']} {env['event']}"
+    if env["data"]:
+        line += " " + json.dumps(env["data"], separators=(",", ":"))
+    return line
+
+
+def _clock(ts: Any) -> str:
+    try:
+        seconds, micro = int(ts["seconds"]), int(ts["microseconds"])
+    except (TypeError, KeyError, ValueError):
+        return "????-??-?? ??:??:??.??????"  # a peer that sent no usable timestamp
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) + f".{micro:06d}"
+
+
+def json_line(env: Envelope) -> str:
+    """The event as QEMU sent it, plus ``vm``: one line ``replay`` accepts."""
+    record = {
+        "timestamp": env["timestamp"],
+        "event": env["event"],
+        "data": env["data"],
+        "vm": env["vm"],
+    }
+    return json.dumps(record, separators=(",", ":"))
+
+
+async def _tail(args: argparse.Namespace, printer: Callable[[Envelope], str]) -> None:
+    stop = asyncio.Event()
+
+    def emit(env: Envelope) -> None:
+        try:
+            sys.stdout.write(printer(env) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            stop.set()  # the reader went away (tail | head): nothing left to do
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with ConnectionManager(emit) as manager:
+            for address in args.addresses:
+                manager.add(address)
+            await _until_stopped(stop, _watchers(manager, args))
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _watchers(manager: ConnectionManager, args: argparse.Namespace) -> list[asyncio.Task[None]]:
+    tasks = []
+    if args.qmp_glob:
+        tasks.append(asyncio.create_task(manager.watch_globs(args.qmp_glob)))
+    if args.listen:
+        tasks.append(asyncio.create_task(manager.listen(args.listen)))
+    return tasks
+
+
+async def _until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for ``stop``; a watcher that fails (a listen address in use) ends it too."""
+    stopper = asyncio.create_task(stop.wait())
+    everything = [stopper, *tasks]
+    try:
+        await asyncio.wait(everything, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in everything:
+            task.cancel()
+        await asyncio.wait(everything)
+    for task in tasks:
+        err = None if task.cancelled() else task.exception()
+        if err is not None:
+            raise err

@@ -1,0 +1,268 @@
+"""Running one invocation to its end: limits, rendering, timeout, retries.
+
+Retries are tenacity strategies built from the invocation's ``RetryPolicy``:
+``stop_after_attempt`` on what is left of the budget, exponential backoff plus
+random jitter (continuing where a resumed invocation left off), and never less
+than a ``TransientActionError``'s ``retry_after``. Only ``TransientActionError``
+is retried; the per-attempt timeout becomes one. A ``PermanentActionError`` goes
+to the dead letters at once, and so does any other exception, logged with its
+traceback since it is a bug of ours or of a plugin.
+
+A concurrency slot (per type, then global) is held for one attempt, never
+during a backoff, so a VM whose webhook is down does not starve the others.
+
+Every attempt is reported to ``on_outcome`` (``hookspecs.ActionOutcome``): ``ok``,
+``retry`` (another attempt follows) or ``failed`` (the invocation gives up),
+followed by ``dead`` once a journaled invocation is in the dead letters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
+from typing import Any
+
+from pydantic import BaseModel
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
+from tenacity.wait import wait_base
+
+from reactor.dispatch.deadlines import Deadlines
+from reactor.dispatch.groupcommit import Outbox
+from reactor.dispatch.journal import Invocation
+from reactor.errors import PermanentActionError, TransientActionError
+from reactor.model import RetryPolicy
+from reactor.plugins.api import ActionContext, ActionSettings, ActionType, VmControl
+from reactor.plugins.hookspecs import ActionOutcome, OutcomeStatus
+
+log = logging.getLogger(__name__)
+
+Render = Callable[[Invocation, ActionType], Awaitable[BaseModel] | BaseModel]
+Emit = Callable[[str, str, dict[str, Any]], None]
+Sleep = Callable[[float], Awaitable[None]]
+ACTION_FAILED = "REACTOR_ACTION_FAILED"
+CANCELLED: OutcomeStatus = "cancelled"
+"""The outcome of a run cancelled by ``mode: restart``."""
+
+
+class _HonourRetryAfter(wait_base):
+    """Wait what ``base`` says, or the peer's ``retry_after`` if that is longer."""
+
+    def __init__(self, base: wait_base) -> None:
+        self.base = base
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        delay = self.base(retry_state)
+        outcome = retry_state.outcome
+        err = outcome.exception() if outcome is not None else None
+        retry_after = getattr(err, "retry_after", None)
+        return max(delay, float(retry_after)) if retry_after is not None else delay
+
+
+def backoff(policy: RetryPolicy, done: int = 0) -> wait_base:
+    """The wait before each retry: ``initial * multiplier**n`` up to ``max``, plus jitter.
+
+    ``done`` attempts made before (a resumed invocation) continue the progression.
+    """
+    first = policy.initial * policy.multiplier**done
+    exponential = wait_exponential(multiplier=first, exp_base=policy.multiplier, max=policy.max)
+    return _HonourRetryAfter(exponential + wait_random(0, policy.jitter))
+
+
+class Runner:
+    """Runs invocations (see the module docstring) and reports every outcome."""
+
+    def __init__(
+        self,
+        *,
+        action_types: Mapping[str, ActionType],
+        settings: ActionSettings,
+        render: Render,
+        outbox: Outbox,
+        vm_lookup: Callable[[str], VmControl | None],
+        emit: Emit | None,
+        on_outcome: Callable[[ActionOutcome], None] | None,
+        redact: Callable[[str], str],
+        max_concurrency: int,
+        per_type_limits: Mapping[str, int],
+        sleep: Sleep,
+    ) -> None:
+        self.action_types = action_types
+        self.settings = settings
+        self.render = render
+        self.outbox = outbox
+        self.vm_lookup = vm_lookup
+        self.emit = emit
+        self.on_outcome = on_outcome
+        self.redact = redact
+        self.sleep = sleep
+        self.in_flight = 0
+        self._deadlines = Deadlines()
+        self._global = asyncio.Semaphore(max_concurrency)
+        self._per_type = {name: asyncio.Semaphore(n) for name, n in per_type_limits.items()}
+
+    async def run(self, inv: Invocation) -> None:
+        """Run every attempt ``inv`` has left; it ends done or dead (or ``failed``)."""
+        atype = self.action_types.get(inv.spec.type)
+        left = inv.spec.retry.attempts - inv.attempts
+        if atype is None:
+            self.give_up(inv, f"unknown action type {inv.spec.type!r}", 0.0)
+            return
+        if left <= 0:
+            self.give_up(inv, f"no attempts left ({inv.last_error or 'interrupted'})", 0.0)
+            return
+        started = time.monotonic()
+        try:
+            await self._attempts(inv, atype, left, started)
+        except (TransientActionError, PermanentActionError) as err:
+            self.give_up(inv, str(err), time.monotonic() - started)
+        except Exception as err:
+            log.exception("action %s of rule %r raised a bug (invocation %s)",
+                          inv.spec.type, inv.rule, inv.id)  # fmt: skip
+            self.give_up(inv, f"{type(err).__name__}: {err}", time.monotonic() - started)
+        else:
+            self.finish(inv, "done")
+            self.report(inv, "ok", time.monotonic() - started)
+
+    async def _attempts(
+        self, inv: Invocation, atype: ActionType, left: int, started: float
+    ) -> None:
+        """Up to ``left`` attempts with backoff; the last error is raised."""
+        done_before = inv.attempts
+        try:
+            # Most invocations succeed at once: spare them tenacity's bookkeeping.
+            await self._attempt(inv, atype)
+            return
+        except TransientActionError as err:
+            first: list[TransientActionError] = [err]
+
+        async def attempt() -> None:
+            if first:
+                raise first.pop()  # replay the first failure, so tenacity's counts are right
+            await self._attempt(inv, atype)
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(left),
+            wait=backoff(inv.spec.retry, done_before),
+            retry=retry_if_exception_type(TransientActionError),
+            sleep=self.sleep,
+            before_sleep=partial(self._will_retry, inv, started),
+            reraise=True,
+        )
+        await retrying(attempt)
+
+    async def _attempt(self, inv: Invocation, atype: ActionType) -> None:
+        # Per type first: waiting for a busy type must not hold a global slot.
+        per_type = self._per_type.get(atype.name)
+        if per_type is not None:
+            await per_type.acquire()
+        try:
+            async with self._global:
+                inv.attempts += 1
+                inv.status = "running"
+                self.outbox.update(inv)
+                self.in_flight += 1
+                try:
+                    await self._run_once(inv, atype)
+                finally:
+                    self.in_flight -= 1
+        finally:
+            if per_type is not None:
+                per_type.release()
+
+    async def _run_once(self, inv: Invocation, atype: ActionType) -> None:
+        deadline = self._deadlines.start(inv.spec.timeout)
+        try:
+            params = self.render(inv, atype)
+            if inspect.isawaitable(params):
+                params = await params
+            await atype.run(params, self._context(inv))
+        except BaseException as err:
+            cause: BaseException = err
+            if deadline.end(cancelled=isinstance(err, asyncio.CancelledError)):
+                # Our cancellation: as ``asyncio.timeout`` turns it into TimeoutError.
+                cause = TimeoutError()
+                cause.__cause__ = err
+            if isinstance(cause, TimeoutError) and deadline.expired:
+                raise TransientActionError(f"timed out after {inv.spec.timeout:g} s") from cause
+            raise
+        deadline.end(cancelled=False)
+
+    def _context(self, inv: Invocation) -> ActionContext:
+        emit = self.emit
+        return ActionContext(
+            invocation_id=inv.id,
+            idempotency_key=inv.idempotency_key,
+            rule=inv.rule,
+            action_index=inv.action_index,
+            envelope=inv.envelope,
+            context=inv.context,
+            attempt=inv.attempts,
+            settings=self.settings,
+            vm=self.vm_lookup(inv.vm) if inv.vm else None,
+            emit=None if emit is None else (lambda name, data: emit(inv.vm, name, data)),
+        )
+
+    def _will_retry(self, inv: Invocation, started: float, state: RetryCallState) -> None:
+        err = state.outcome.exception() if state.outcome is not None else None
+        inv.last_error = self.redact(str(err))
+        inv.status = "pending"
+        self.outbox.update(inv)
+        delay = state.upcoming_sleep
+        log.info("action %s of rule %r failed (attempt %d), retrying in %.2f s: %s",
+                 inv.spec.type, inv.rule, inv.attempts, delay, inv.last_error)  # fmt: skip
+        self.report(inv, "retry", time.monotonic() - started)
+
+    def finish(self, inv: Invocation, status: str) -> None:
+        """Mark ``inv`` finished (``done``, ``skipped``, ``cancelled``) in the journal."""
+        inv.status = status
+        inv.finished_at = time.time()
+        self.outbox.update(inv)
+
+    def give_up(self, inv: Invocation, error: str, duration: float) -> None:
+        """Dead-letter ``inv`` (or drop it, ``failed``, without a journal) and say so."""
+        inv.last_error = self.redact(error)
+        journaled = self.outbox.journal is not None
+        if journaled:
+            inv.status, inv.died_at = "dead", time.time()
+            self.outbox.bury(inv)
+        else:
+            self.finish(inv, "failed")
+        log.warning("action %s of rule %r for vm %r gave up after %d attempts: %s",
+                    inv.spec.type, inv.rule, inv.vm, inv.attempts, inv.last_error)  # fmt: skip
+        self.report(inv, "failed", duration)
+        if journaled:
+            self.report(inv, "dead", duration)
+        if self.emit is not None and inv.event != ACTION_FAILED:
+            data = {"rule": inv.rule, "action": inv.spec.type, "error": inv.last_error,
+                    "attempts": inv.attempts}  # fmt: skip
+            self._safely(self.emit, inv.vm, ACTION_FAILED, data)
+
+    def report(self, inv: Invocation, status: OutcomeStatus, duration: float = 0.0) -> None:
+        """Tell the observer what became of ``inv``; an observer's bug is logged, not raised.
+
+        ``duration``: seconds since the invocation's first attempt in this process began.
+        """
+        if self.on_outcome is None:
+            return
+        error = inv.last_error if status in ("retry", "dead", "failed") else None
+        outcome = ActionOutcome(inv.id, inv.rule, inv.spec.type, inv.vm, inv.event, status,
+                                inv.attempts, error, duration)  # fmt: skip
+        self._safely(self.on_outcome, outcome)
+
+    @staticmethod
+    def _safely(fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("observer %r failed", fn)

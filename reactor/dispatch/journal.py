@@ -1,0 +1,429 @@
+"""The durable outbox: every action invocation, written down before it runs.
+
+One SQLite file, ``<state_dir>/journal.sqlite3``, in WAL mode with
+``synchronous=FULL``: a transaction that returned is on disk. Two tables:
+
+* ``invocations``: work accepted and not yet dead-lettered. ``status`` is
+  ``pending`` (written, not started), ``running`` (an attempt began),
+  ``requeued`` (an operator sent it back from the dead letters), or a finished
+  state kept for ``keep_finished`` seconds: ``done``, ``skipped``, ``cancelled``.
+* ``dead_letters``: invocations that ran out of retries or failed for good,
+  until ``qmp-reactor dlq retry`` moves them back or ``dlq drop`` deletes them.
+
+A row carries everything needed to run it without the rule files: the action
+spec (type, raw ``with`` params, never rendered secrets, retry, timeout), the
+envelope and window context as JSON. The invocation id doubles as the
+idempotency key, the same on every attempt and after a restart.
+
+Every method is one transaction and thread-safe; ``stage`` and ``commit`` split
+one transaction in two, so that the statements run in one thread and the commit,
+which waits for the disk, in another. ``exclusive=True`` (the daemon) takes a
+lock file beside the journal so that two daemons never resume the same work;
+the ``dlq`` command opens it without.
+
+The table layout and the row conversion live in ``reactor.dispatch.schema``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reactor.dispatch.invocation import ActionSpecData, Invocation, new_id
+from reactor.dispatch.schema import (
+    COLS,
+    MARKS,
+    REQUEUED_SELECT,
+    SCHEMA,
+    SCHEMA_VERSION,
+    done_runs,
+    from_row,
+    to_rows,
+)
+from reactor.errors import ConfigError, ReactorError, UserError
+
+__all__ = [
+    "ActionSpecData",
+    "Invocation",
+    "Journal",
+    "JournalBatch",
+    "JournalError",
+    "default_state_dir",
+    "journal_path",
+    "new_id",
+]
+
+log = logging.getLogger(__name__)
+
+JOURNAL_NAME = "journal.sqlite3"
+SYSTEM_STATE_DIR = Path("/var/lib/qmp-reactor")
+UNFINISHED = ("pending", "running", "requeued")
+FINISHED = ("done", "skipped", "cancelled")
+
+
+class JournalError(ReactorError):
+    """A journal read or write failed (disk full, read-only, I/O error); the cause is kept."""
+
+
+def default_state_dir() -> Path:
+    """``/var/lib/qmp-reactor`` if it is (or can be made) writable, else ``./.qmp-reactor``."""
+    path = SYSTEM_STATE_DIR
+    probe = path if path.exists() else path.parent
+    if probe.is_dir() and os.access(probe, os.W_OK | os.X_OK):
+        return path
+    return Path(".qmp-reactor")
+
+
+def journal_path(state_dir: Path) -> Path:
+    """Where the journal of a state directory lives."""
+    return Path(state_dir) / JOURNAL_NAME
+
+
+@dataclass(slots=True)
+class JournalBatch:
+    """Writes to apply in one transaction: new rows, state changes, dead letters."""
+
+    inserts: list[Invocation] = field(default_factory=list)
+    updates: dict[str, Invocation] = field(default_factory=dict)
+    dead: dict[str, Invocation] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.inserts) + len(self.updates) + len(self.dead)
+
+    def absorb(self, newer: JournalBatch) -> None:
+        """Append ``newer``'s writes after ours (a later state of a row wins)."""
+        self.inserts.extend(newer.inserts)
+        self.updates.update(newer.updates)
+        self.dead.update(newer.dead)
+
+
+class Journal:
+    """The SQLite outbox of action invocations (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        keep_finished: float = 60.0,
+        max_bytes: int | None = None,
+        exclusive: bool = False,
+    ) -> None:
+        """Open or create the journal at ``path`` (and its directory).
+
+        ``keep_finished``: seconds a finished row stays before ``prune`` deletes it.
+        ``max_bytes``: a size cap; past it writes fail as on a full disk.
+        ``exclusive``: hold ``<path>.lock`` while open; another exclusive opener fails.
+        Raises ``ConfigError`` when the file cannot be created, opened or locked.
+        """
+        self.path = Path(path)
+        self.keep_finished = keep_finished
+        self._lock = threading.Lock()
+        self._lockfile: int | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if exclusive:
+                self._lockfile = _lock_beside(self.path)
+            self._db = sqlite3.connect(
+                self.path, timeout=10.0, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.Error) as err:
+            self._unlock()
+            raise ConfigError(f"cannot open the journal {self.path}: {err}") from err
+        self._db.row_factory = sqlite3.Row
+        try:
+            self._setup(max_bytes)
+        except (sqlite3.Error, JournalError, UserError) as err:
+            self._db.close()
+            self._unlock()
+            if isinstance(err, UserError):
+                raise
+            raise ConfigError(f"cannot open the journal {self.path}: {err}") from err
+
+    def _setup(self, max_bytes: int | None) -> None:
+        db = self._db
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":  # e.g. a file system without shared memory: still durable, slower
+            log.warning("journal %s: WAL not available, using journal_mode=%s", self.path, mode)
+        db.execute("PRAGMA synchronous=FULL")
+        self.set_max_bytes(max_bytes)
+        with self._transaction():
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "schema_version" not in tables:
+                for statement in SCHEMA:
+                    db.execute(statement)
+                db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+        version = db.execute("SELECT version FROM schema_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"the journal {self.path} has schema version {version}; this qmp-reactor "
+                f"knows up to {SCHEMA_VERSION}: upgrade qmp-reactor"
+            )
+
+    def set_max_bytes(self, max_bytes: int | None) -> None:
+        """Cap the journal's size (``None``: no cap beyond the disk's)."""
+        with self._lock:
+            page = self._db.execute("PRAGMA page_size").fetchone()[0]
+            pages = 0xFFFFFFFE if max_bytes is None else max(1, max_bytes // page)
+            self._db.execute(f"PRAGMA max_page_count={int(pages)}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE takes the write lock at once, so a concurrent CLI waits instead of
+        # failing half-way through a read-then-write.
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as err:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise JournalError(f"journal {self.path}: {err}") from err
+
+    def apply(self, batch: JournalBatch) -> None:
+        """Write a whole batch in one transaction; on ``JournalError`` nothing was written."""
+        with self._transaction() as db:
+            self._write(db, batch)
+
+    def stage(self, batch: JournalBatch) -> None:
+        """Write a batch in a transaction left open; ``commit`` must follow (in any thread).
+
+        The two halves let the caller keep the CPU work in one thread and wait for
+        the disk (the commit's fsync) in another. On ``JournalError`` nothing was written.
+        """
+        self._lock.acquire()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._write(self._db, batch)
+        except BaseException as err:
+            self._rollback()
+            self._lock.release()
+            if isinstance(err, sqlite3.Error):
+                raise JournalError(f"journal {self.path}: {err}") from err
+            raise
+
+    def commit(self) -> None:
+        """Commit what ``stage`` wrote (durably, ``synchronous=FULL``); rolls back on failure."""
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as err:
+            self._rollback()
+            raise JournalError(f"journal {self.path}: {err}") from err
+        finally:
+            self._lock.release()
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    def _write(self, db: sqlite3.Connection, batch: JournalBatch) -> None:
+        self._insert(db, batch.inserts)
+        self._update(db, batch.updates.values())
+        self._bury(db, batch.dead.values())
+
+    def add_many(self, invs: Sequence[Invocation]) -> None:
+        """Write new invocations (one transaction)."""
+        self.apply(JournalBatch(inserts=list(invs)))
+
+    def mark(self, invs: Iterable[Invocation]) -> None:
+        """Store the status, attempts, last error and timestamps of existing rows."""
+        self.apply(JournalBatch(updates={inv.id: inv for inv in invs}))
+
+    def finish(self, invs: Iterable[Invocation], status: str = "done") -> None:
+        """Mark invocations finished (``done``, ``skipped`` or ``cancelled``) now."""
+        now = time.time()
+        invs = list(invs)
+        for inv in invs:
+            inv.status, inv.updated_at, inv.finished_at = status, now, now
+        self.mark(invs)
+
+    def dead(self, invs: Iterable[Invocation]) -> None:
+        """Move invocations to the dead letters, with their final attempts and error."""
+        self.apply(JournalBatch(dead={inv.id: inv for inv in invs}))
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, invs: Sequence[Invocation]) -> None:
+        if not invs:
+            return
+        # Numbering under the write lock: a concurrent ``dlq retry`` cannot take these numbers.
+        last = db.execute("SELECT COALESCE(MAX(n), 0) FROM invocations").fetchone()[0]
+        for n, inv in enumerate(invs, last + 1):
+            inv.row = n
+        db.executemany(
+            f"INSERT INTO invocations (n, {COLS}) VALUES (?, {MARKS})",
+            ((inv.row, *row) for inv, row in zip(invs, to_rows(invs), strict=True)),
+        )
+
+    @staticmethod
+    def _update(db: sqlite3.Connection, invs: Iterable[Invocation]) -> None:
+        # A row not yet written gets its current state when it is (later in this batch).
+        plain, done_at_once = [], []
+        for inv in invs:
+            if inv.row is None:
+                continue
+            if inv.status == "done" and inv.attempts == 1 and inv.finished_at is not None:
+                done_at_once.append(inv)
+            else:
+                plain.append((inv.status, inv.attempts, inv.last_error, inv.updated_at,
+                              inv.finished_at, inv.row))  # fmt: skip
+        db.executemany(
+            "UPDATE invocations SET status=?, attempts=?, last_error=?, updated_at=?,"
+            " finished_at=? WHERE n=?",
+            plain,
+        )
+        # The common case, done at the first attempt, in runs of consecutive rows: one
+        # statement per run instead of one per row; the run's last time stands for all.
+        db.executemany(
+            "UPDATE invocations SET status='done', attempts=1, last_error=NULL, updated_at=?,"
+            " finished_at=? WHERE n BETWEEN ? AND ?",
+            done_runs(done_at_once),
+        )
+
+    @staticmethod
+    def _bury(db: sqlite3.Connection, invs: Iterable[Invocation]) -> None:
+        invs = list(invs)
+        if not invs:
+            return
+        now = time.time()
+        for inv in invs:
+            inv.status, inv.died_at = "dead", inv.died_at or now
+        db.executemany(
+            f"INSERT OR REPLACE INTO dead_letters ({COLS}, died_at) VALUES ({MARKS}, ?)",
+            ((*row, inv.died_at) for row, inv in zip(to_rows(invs), invs, strict=True)),
+        )
+        db.executemany("DELETE FROM invocations WHERE n=?", ((inv.row,) for inv in invs))
+
+    def _select(self, sql: str, args: Sequence[Any] = ()) -> list[Invocation]:
+        with self._lock:
+            try:
+                return [from_row(r) for r in self._db.execute(sql, args)]
+            except sqlite3.Error as err:
+                raise JournalError(f"journal {self.path}: {err}") from err
+
+    def pending(self) -> list[Invocation]:
+        """Unfinished invocations (pending, running, requeued) in the order they were written."""
+        marks = ", ".join("?" * len(UNFINISHED))
+        return self._select(
+            f"SELECT * FROM invocations WHERE status IN ({marks}) ORDER BY n", UNFINISHED
+        )
+
+    def claim_requeued(self) -> list[Invocation]:
+        """Take the rows ``dlq retry`` sent back: they become ``pending`` and are returned."""
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT * FROM invocations WHERE status = 'requeued' ORDER BY n"
+            ).fetchall()
+            db.execute("UPDATE invocations SET status = 'pending' WHERE status = 'requeued'")
+        claimed = [from_row(r) for r in rows]
+        for inv in claimed:
+            inv.status = "pending"
+        return claimed
+
+    def get(self, inv_id: str) -> Invocation | None:
+        """The row of one invocation, from either table (``status`` says which)."""
+        for table in ("invocations", "dead_letters"):
+            found = self._select(f"SELECT * FROM {table} WHERE id = ?", (inv_id,))
+            if found:
+                return found[0]
+        return None
+
+    def dead_letters(self) -> list[Invocation]:
+        """Every dead letter, oldest first."""
+        return self._select("SELECT * FROM dead_letters ORDER BY died_at, rowid")
+
+    def count(self, dead: bool = False) -> int:
+        """How many unfinished invocations there are (``dead=True``: dead letters)."""
+        sql = (
+            "SELECT COUNT(*) FROM dead_letters"
+            if dead
+            else "SELECT COUNT(*) FROM invocations WHERE finished_at IS NULL"
+        )
+        with self._lock:
+            try:
+                return int(self._db.execute(sql).fetchone()[0])
+            except sqlite3.Error as err:
+                raise JournalError(f"journal {self.path}: {err}") from err
+
+    def _resolve(self, db: sqlite3.Connection, ids: Iterable[str]) -> list[str]:
+        """Full dead-letter ids for ids or unique prefixes; ``UserError`` names any unknown."""
+        known = [r[0] for r in db.execute("SELECT id FROM dead_letters")]
+        resolved, problems = [], []
+        for given in ids:
+            hits = [k for k in known if k.startswith(given.lower())] if given else []
+            if len(hits) == 1:
+                resolved.append(hits[0])
+            else:
+                problems.append(f"{given!r} is {'ambiguous' if hits else 'not a dead letter'}")
+        if problems:
+            raise UserError(f"in {self.path}: " + "; ".join(problems))
+        return list(dict.fromkeys(resolved))
+
+    def requeue(self, ids: Iterable[str]) -> list[str]:
+        """Send dead letters back as ``requeued`` with a fresh attempt budget (same ids)."""
+        with self._transaction() as db:
+            full = self._resolve(db, ids)
+            now = time.time()
+            for inv_id in full:
+                db.execute(
+                    f"INSERT INTO invocations ({COLS}) SELECT {REQUEUED_SELECT} FROM dead_letters"
+                    " WHERE id = ?",
+                    (now, inv_id),
+                )
+                db.execute("DELETE FROM dead_letters WHERE id = ?", (inv_id,))
+        return full
+
+    def drop(self, ids: Iterable[str]) -> list[str]:
+        """Delete dead letters for good; returns the full ids dropped."""
+        with self._transaction() as db:
+            full = self._resolve(db, ids)
+            db.executemany("DELETE FROM dead_letters WHERE id = ?", ((i,) for i in full))
+        return full
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete rows finished more than ``keep_finished`` seconds ago; returns how many."""
+        cutoff = (time.time() if now is None else now) - self.keep_finished
+        with self._transaction() as db:
+            return db.execute(
+                "DELETE FROM invocations WHERE finished_at IS NOT NULL AND finished_at < ?",
+                (cutoff,),
+            ).rowcount
+
+    def close(self) -> None:
+        """Close the database (a checkpoint folds the WAL back into the file) and unlock."""
+        with self._lock:
+            self._db.close()
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lockfile is not None:
+            os.close(self._lockfile)  # closing drops the flock
+            self._lockfile = None
+
+
+def _lock_beside(path: Path) -> int:
+    """Take ``<path>.lock`` (flock, released by the kernel if the process dies)."""
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"the journal {path} is in use by another qmp-reactor (its lock {path}.lock is held)"
+        ) from None
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

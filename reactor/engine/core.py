@@ -1,0 +1,154 @@
+"""The engine: envelopes in, firings out, on whatever clock it is given.
+
+Per envelope: QEMU's rate-limit stage (for event types QEMU throttles, per VM),
+then observers, then the rules indexed by event name, their conditions, and
+their threshold/throttle gates. A rule that fires becomes a ``Firing`` handed to
+the sink (the dispatcher live, a printer in a dry-run replay). No I/O happens
+here; the same code runs on the live clock and on replay's virtual clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from reactor.clock import Clock
+from reactor.engine.gates import QemuStage, RuleGate
+from reactor.engine.routes import Route, compile_route
+from reactor.model import Envelope, Firing, Rule
+from reactor.rules.ruleset import RuleSet
+
+Sink = Callable[[Firing], object]
+Explain = Callable[[Envelope, Rule | None, str], None]
+"""``explain(envelope, rule, message)``: why a rule did or did not fire (rule None: the event)."""
+
+_ROUTE_LIMIT = 4096
+
+
+class Engine:
+    """Matches envelopes against a rule set and emits firings to a sink."""
+
+    def __init__(
+        self,
+        rules: RuleSet,
+        clock: Clock,
+        sink: Sink,
+        *,
+        qemu_stage: bool = True,
+        observe: Callable[[Envelope], None] | None = None,
+        explain: Explain | None = None,
+    ) -> None:
+        self.clock = clock
+        self.sink = sink
+        self.observe = observe
+        self.explain = explain
+        self.stage = QemuStage(clock, self._match) if qemu_stage else None
+        self.events_in = 0
+        self.rules = rules
+        self._gates: dict[str, RuleGate] = {}
+        self._routes: dict[str, Route] = {}
+        self._ways: dict[str, Route] = {}
+        self._make_gates()
+
+    def _make_gates(self) -> None:
+        self._gates = {
+            r.name: RuleGate(r, self.clock, self._fire)
+            for r in self.rules.rules
+            if r.throttle is not None or r.threshold is not None
+        }
+        self._routes = {}
+        self._ways = {}
+
+    def swap_rules(self, rules: RuleSet) -> None:
+        """Use a new, fully validated rule set; window state of the old one is dropped."""
+        self.rules = rules
+        self._make_gates()
+
+    def feed(self, env: Envelope) -> None:
+        """Take one envelope (the only entry point, live and in replay)."""
+        self.events_in += 1
+        way = self._ways.get(env["event"])
+        if way is None:
+            way = self._way(env["event"])
+        way(env)
+
+    def _way(self, event: str) -> Route:
+        """What ``feed`` does with ``event``: the stage first, or straight to the rules."""
+        stage = self.stage
+        staged = stage is not None and stage.throttles(event)
+        way: Route
+        if self.observe is not None or self.explain is not None:
+            way = self._staged if staged else self._match
+        elif stage is not None and staged:
+            way = _admitted(stage.admit, self._route(event))
+        else:
+            way = self._route(event)
+        if len(self._ways) >= _ROUTE_LIMIT:
+            self._ways.clear()
+        self._ways[event] = way
+        return way
+
+    def _staged(self, env: Envelope) -> None:
+        assert self.stage is not None
+        if not self.stage.push(env) and self.explain is not None:
+            self.explain(env, None, "held by QEMU's rate limit (1 per second per key)")
+
+    def drop_vm(self, vm: str) -> None:
+        """Forget every window state of a VM that went away."""
+        if self.stage is not None:
+            self.stage.drop_vm(vm)
+        for gate in self._gates.values():
+            gate.drop_vm(vm)
+
+    def _fire(self, firing: Firing) -> None:
+        if self.explain is not None:
+            count = firing.context.get("count", 1)
+            self.explain(firing.envelope, firing.rule, f"fired (count {count})")
+        self.sink(firing)
+
+    def _match(self, env: Envelope) -> None:
+        if self.observe is not None:
+            self.observe(env)
+        if self.explain is not None:
+            self._match_explained(env)
+            return
+        route = self._routes.get(env["event"])
+        if route is None:
+            route = self._route(env["event"])
+        route(env)
+
+    def _route(self, event: str) -> Route:
+        """The compiled way of ``event`` through the rules, cached (bounded: peers name events)."""
+        gates = {name: gate.push for name, gate in self._gates.items()}
+        route = compile_route(self.rules.candidates(event), self.clock.now, self.sink, gates)
+        if len(self._routes) >= _ROUTE_LIMIT:
+            self._routes.clear()
+        self._routes[event] = route
+        return route
+
+    def _match_explained(self, env: Envelope) -> None:
+        """The slow path for ``--explain``: every rule is tested and the reason said."""
+        explain = self.explain
+        assert explain is not None
+        for rule in self.rules.candidates(env["event"]):
+            cond = rule.condition
+            if cond is not None and not cond(env):
+                if rule.explain is not None:
+                    explain(env, rule, f"condition failed: {rule.explain(env)}")
+                continue
+            gate = self._gates.get(rule.name)
+            if gate is None:
+                self._fire(Firing(rule, env, self.clock.now(), {"count": 1}))
+                continue
+            why = gate.push(env)
+            if why is not None:
+                explain(env, rule, why)
+
+
+def _admitted(admit: Callable[[Envelope], bool], route: Route) -> Route:
+    """``route`` for the events the stage lets through now (held ones come back by ``_match``)."""
+
+    def way(env: Envelope) -> None:
+        if admit(env):
+            route(env)
+
+    return way

@@ -1,0 +1,218 @@
+"""Rate limits in time: QEMU's event throttle, rule thresholds and rule throttles.
+
+This is the room between rule matching and dispatch where time matters. It is
+pure and clock-driven: the only time source is a ``Clock`` (``VirtualClock`` in
+replay, ``AsyncioClock`` live). A state lives as long as its window: ended
+windows are settled lazily (``reactor.engine.windowsets``), before the next event of
+their set, by ``len()``, or by the set's one clock timer, so nothing is left
+once all windows ended and a clock has been drained.
+
+- ``QemuStage``: QEMU's own per-VM rate limit (monitor/monitor.c) for the event
+  types QEMU throttles, keyed as QEMU keys them (the catalog's throttle keys).
+- ``RuleGate``: one rule's threshold, then its throttle (``once_within``,
+  ``once_after`` or ``qemu``), turning matched events into ``Firing`` objects.
+
+Windows are half-open: a window opened at ``t`` covers ``[t, t + window)``. A
+clock runs the timers due at a moment before an event pushed at that moment,
+so an event at exactly ``t + window`` belongs to whatever follows the window.
+Windows of one set that end at the same instant end in the order they opened;
+across sets (the stage, each rule's gate), in the order of the sets' timers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+from reactor.clock import Clock
+from reactor.engine.windowsets import OnceAfter, OnceWithin, QemuWindows, Threshold, Throttle
+from reactor.model import CompiledPath, Envelope, Firing, Rule
+from reactor.rules.catalog import load_catalog
+
+QEMU_RATE = 1.0
+"""Seconds between two events of one QEMU throttle key (monitor.c: 1e9 ns, every type)."""
+
+_KeyFunc = Callable[[Envelope], Hashable]
+
+
+def _freeze(values: list[Any]) -> Hashable:
+    """The values a key path found, as a dict key; unhashable values by canonical JSON."""
+    key = tuple(values)
+    try:
+        hash(key)
+    except TypeError:
+        return json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
+    return key
+
+
+def _keyfunc(paths: Sequence[CompiledPath]) -> _KeyFunc:
+    """One function per rule computing its key; specialised so one path costs one call."""
+    if not paths:
+        return lambda env: ()
+    if len(paths) == 1:
+        find = paths[0].find
+        return lambda env: _freeze(find(env))
+    finds = tuple(p.find for p in paths)
+    return lambda env: tuple([_freeze(f(env)) for f in finds])
+
+
+_THROTTLES: dict[str, type[Throttle]] = {
+    "once_within": OnceWithin,
+    "once_after": OnceAfter,
+    "qemu": QemuWindows,
+}
+
+
+class QemuStage:
+    """QEMU's rate limit (monitor/monitor.c), per VM, for the event types QEMU throttles.
+
+    The first event of a key goes to ``emit`` at once and opens a window; later
+    events in the window replace the held one; at the window's end the held event
+    (its envelope untouched) goes out and a new window opens, or the state is
+    forgotten. A key is (vm, event type, ``data[field]`` or None), the field per
+    type from ``keys`` (default: the catalog's throttle keys).
+    """
+
+    __slots__ = ("_emit", "_fields", "_windows")
+
+    def __init__(
+        self,
+        clock: Clock,
+        emit: Callable[[Envelope], None],
+        *,
+        window: float = QEMU_RATE,
+        keys: Mapping[str, str | None] | None = None,
+    ) -> None:
+        self._emit = emit
+        table = load_catalog().throttle_keys() if keys is None else keys
+        # "" for "one state per type", so the hot path needs a single dict lookup.
+        self._fields: dict[str, str] = {name: field or "" for name, field in table.items()}
+        self._windows = QemuWindows(clock, window, self._out)
+
+    def push(self, env: Envelope) -> bool:
+        """True if ``env`` went to ``emit`` now; False if it is held (and may be replaced)."""
+        if self.admit(env):
+            self._emit(env)
+            return True
+        return False
+
+    def admit(self, env: Envelope) -> bool:
+        """True if ``env`` passes now, for the caller to send on; False if it is held.
+
+        ``push`` without the sending: what a held event later does still goes to ``emit``.
+        """
+        event = env["event"]
+        field = self._fields.get(event)
+        if field is None:
+            return True
+        value = env["data"].get(field) if field else None
+        if value is not None and value.__class__ is not str:
+            value = _freeze([value])
+        return self._windows.offer((env["vm"], event, value), env) is None
+
+    def throttles(self, event: str) -> bool:
+        """Whether events called ``event`` go through a window (else ``push`` emits at once)."""
+        return event in self._fields
+
+    def drop_vm(self, vm: str) -> None:
+        """Forget every state of ``vm``: its timers are cancelled, its held events dropped."""
+        self._windows.drop_vm(vm)
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    @property
+    def holds(self) -> int:
+        """Events held for later (each one either went out later or was replaced)."""
+        return self._windows.holds
+
+    @property
+    def replaced(self) -> int:
+        """Held events dropped because a newer one of the same key replaced them."""
+        return self._windows.replaced
+
+    def _out(self, env: Envelope, count: int) -> None:
+        self._emit(env)
+
+
+class RuleGate:
+    """One rule's threshold, then its throttle; what passes both reaches ``fire``.
+
+    ``Firing.context`` holds ``count``, the matching events the firing stands for:
+    a threshold's count; for a throttle, the events it folded in (1 for
+    ``once_within``, the window's events for ``once_after``, 1 + replaced for
+    ``qemu``) times the threshold's count if there is one. With a throttle it also
+    holds its ``window`` and ``mode``, plus ``threshold`` and ``threshold_window``
+    when both apply; with only a threshold, ``window`` and ``mode="threshold"``.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_context",
+        "_fire",
+        "_per_pass",
+        "_rule",
+        "_threshold",
+        "_threshold_key",
+        "_throttle",
+        "_throttle_key",
+    )
+
+    def __init__(self, rule: Rule, clock: Clock, fire: Callable[[Firing], None]) -> None:
+        self._rule = rule
+        self._clock = clock
+        self._fire = fire
+        threshold, throttle = rule.threshold, rule.throttle
+        self._per_pass = threshold.count if threshold is not None else 1
+        self._threshold: Threshold | None = None
+        self._threshold_key = _keyfunc(threshold.key if threshold is not None else ())
+        if threshold is not None and threshold.count > 1:
+            self._threshold = Threshold(clock, threshold.window, threshold.count)
+        self._throttle: Throttle | None = None
+        self._throttle_key = _keyfunc(throttle.key if throttle is not None else ())
+        if throttle is not None:
+            self._throttle = _THROTTLES[throttle.mode](clock, throttle.window, self._out)
+        self._context = _context(rule)
+
+    def push(self, env: Envelope) -> str | None:
+        """Offer a matched event: None if the rule fired at once, else why not (for --explain)."""
+        if self._threshold is not None:
+            reason = self._threshold.offer(self._threshold_key(env), env)
+            if reason is not None:
+                return reason
+        if self._throttle is not None:
+            reason = self._throttle.offer(self._throttle_key(env), env)
+            if reason is not None:
+                return reason
+        self._out(env, 1)
+        return None
+
+    def drop_vm(self, vm: str) -> None:
+        """Forget the states whose latest event came from ``vm``; held firings are dropped."""
+        if self._threshold is not None:
+            self._threshold.drop_vm(vm)
+        if self._throttle is not None:
+            self._throttle.drop_vm(vm)
+
+    def __len__(self) -> int:
+        live = len(self._threshold) if self._threshold is not None else 0
+        return live + (len(self._throttle) if self._throttle is not None else 0)
+
+    def _out(self, env: Envelope, count: int) -> None:
+        context = {"count": count * self._per_pass, **self._context}
+        self._fire(Firing(rule=self._rule, envelope=env, time=self._clock.now(), context=context))
+
+
+def _context(rule: Rule) -> dict[str, Any]:
+    """The fixed part of a rule's firing context (everything but ``count``)."""
+    threshold, throttle = rule.threshold, rule.throttle
+    if throttle is not None:
+        context: dict[str, Any] = {"window": throttle.window, "mode": throttle.mode}
+        if threshold is not None:
+            context["threshold"] = threshold.count
+            context["threshold_window"] = threshold.window
+        return context
+    if threshold is not None:
+        return {"window": threshold.window, "mode": "threshold"}
+    return {}

@@ -1,0 +1,189 @@
+"""The configuration file: the same settings as ``run``'s flags, plus per-VM names.
+
+YAML, validated with a pydantic schema whose errors are mapped back to the
+YAML node, so a mistake reads ``FILE:LINE:COL: error: ...`` like a rule error.
+Flags override the file. ``Config()`` with no file is a working default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from reactor.durations import parse_duration
+from reactor.errors import ConfigError, Diagnostic, Location, RuleError
+from reactor.model import RetryPolicy
+from reactor.plugins.api import ActionSettings
+from reactor.rules.yamlload import MarkedDict, MarkedList, load_file, plain
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _seconds(value: Any) -> float:
+    return parse_duration(value)
+
+
+class RetryConfig(_Strict):
+    """Default retry policy of every action (a rule's ``retry:`` overrides it)."""
+
+    attempts: int = Field(5, ge=1)
+    initial: float = 1.0
+    max: float = 60.0
+    multiplier: float = Field(2.0, ge=1)
+    jitter: float = 1.0
+
+    _durations = field_validator("initial", "max", "jitter", mode="before")(_seconds)
+
+    def policy(self) -> RetryPolicy:
+        """As the model's RetryPolicy."""
+        return RetryPolicy(self.attempts, self.initial, self.max, self.multiplier, self.jitter)
+
+
+class ExecConfig(_Strict):
+    """The ``exec`` action runs programs: off until the operator turns it on."""
+
+    enabled: bool = False
+
+
+class QmpActionConfig(_Strict):
+    """Commands the ``qmp`` action may send."""
+
+    allow: list[str] = Field(
+        default_factory=lambda: ["cont", "stop", "system_reset", "system_powerdown", "query-status"]
+    )
+
+
+class RestartConfig(_Strict):
+    """The restart guard: at most ``limit`` restarts per VM per ``window``."""
+
+    limit: int = Field(3, ge=1)
+    window: float = 600.0
+
+    _durations = field_validator("window", mode="before")(_seconds)
+
+
+class NotifyConfig(_Strict):
+    """Default Apprise URLs for ``notify`` actions that name none."""
+
+    urls: list[str] = Field(default_factory=list)
+
+
+class ActionsConfig(_Strict):
+    """Defaults and limits of action execution."""
+
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    timeout: float = 30.0
+    max_concurrency: int = Field(64, ge=1)
+    limits: dict[str, int] = Field(default_factory=dict)
+    exec: ExecConfig = Field(default_factory=ExecConfig)
+    qmp: QmpActionConfig = Field(default_factory=QmpActionConfig)
+    restart: RestartConfig = Field(default_factory=RestartConfig)
+    notify: NotifyConfig = Field(default_factory=NotifyConfig)
+
+    _durations = field_validator("timeout", mode="before")(_seconds)
+
+    def settings(self) -> ActionSettings:
+        """The ActionSettings actions obey."""
+        return ActionSettings(
+            exec_enabled=self.exec.enabled,
+            qmp_allowlist=frozenset(self.qmp.allow),
+            restart_limit=self.restart.limit,
+            restart_window=self.restart.window,
+            extra={"notify_urls": list(self.notify.urls)},
+        )
+
+
+class VmConfig(_Strict):
+    """One VM: its QMP address and the name rules see."""
+
+    address: str
+    name: str | None = None
+
+
+class MetricsConfig(_Strict):
+    """The Prometheus metrics and /healthz listener (loopback unless set otherwise)."""
+
+    listen: str | None = "127.0.0.1:9105"
+
+
+class Config(_Strict):
+    """Everything ``qmp-reactor run`` can be told; flags override these."""
+
+    rules: list[str] = Field(default_factory=list)
+    plugin_dirs: list[str] = Field(default_factory=lambda: ["plugins"])
+    block_plugins: list[str] = Field(default_factory=list)
+    state_dir: str | None = None
+    qmp: list[str] = Field(default_factory=list)
+    qmp_glob: list[str] = Field(default_factory=list)
+    listen: str | None = None
+    vms: list[VmConfig] = Field(default_factory=list)
+    qemu_stage: bool = True
+    greeting_timeout: float = 5.0
+    reconnect_max: float = 2.0
+    shutdown_grace: float = 10.0
+    log_format: Literal["text", "json"] = "text"
+    verbose: bool = False
+    actions: ActionsConfig = Field(default_factory=ActionsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    _durations = field_validator(
+        "greeting_timeout", "reconnect_max", "shutdown_grace", mode="before"
+    )(_seconds)
+
+    def vm_names(self) -> dict[str, str]:
+        """Address → name for the VMs the file names."""
+        return {vm.address: vm.name for vm in self.vms if vm.name}
+
+
+def _locate(node: Any, loc: tuple[Any, ...], fallback: Location) -> Location:
+    """The YAML location of the value at ``loc`` (as deep as the file has it)."""
+    where = getattr(node, "location", fallback)
+    for step in loc:
+        if (isinstance(node, MarkedDict) and step in node) or (
+            isinstance(node, MarkedList) and isinstance(step, int) and step < len(node)
+        ):
+            where = node.loc(step)
+            node = node[step]
+        else:
+            break
+    return where
+
+
+def _problems(err: ValidationError, doc: Any, fallback: Location) -> list[Diagnostic]:
+    diags = []
+    for e in err.errors(include_url=False, include_input=False):
+        loc = tuple(e.get("loc", ()))
+        name = ".".join(str(p) for p in loc)
+        where = _locate(doc, loc, fallback)
+        if e.get("type") == "extra_forbidden":
+            msg = f"unknown setting {name!r}"
+        elif e.get("type") == "missing":
+            msg = f"missing setting '{name}'"
+        else:
+            text = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+            msg = f"'{name}': {text}"
+        diags.append(Diagnostic(where, msg))
+    return diags
+
+
+def load_config(path: Path | None) -> Config:
+    """The configuration in ``path`` (None: defaults); ConfigError lists every problem."""
+    if path is None:
+        return Config()
+    try:
+        doc = load_file(path)
+    except RuleError as err:
+        raise ConfigError("invalid configuration", err.diagnostics) from None
+    fallback = Location(str(path), 1, 1)
+    if doc is None:
+        return Config()
+    if not isinstance(doc, MarkedDict):
+        raise ConfigError("invalid configuration", [Diagnostic(fallback, "a mapping expected")])
+    try:
+        return Config.model_validate(plain(doc))
+    except ValidationError as err:
+        raise ConfigError("invalid configuration", _problems(err, doc, fallback)) from None

@@ -1,0 +1,235 @@
+"""The event source of the engine: QMP connections to every VM on this host.
+
+``ConnectionManager`` owns one ``VmConnection`` per VM, each in its own task, so
+one VM failing (crashed QEMU, garbage on the socket, a peer that never greets)
+never touches another. VMs come from three places: addresses given explicitly
+(``add``), unix sockets matching globs (``watch_globs``: new sockets are picked
+up and vanished ones dropped, polled about once a second), and QEMUs that
+connect to us (``listen``). Every QMP event, and the synthetic
+``REACTOR_CONNECTED`` / ``REACTOR_DISCONNECTED``, reaches ``on_envelope`` as an
+envelope; actions find a VM's connection with ``get(vm)``.
+
+Layers: ``discovery`` (addresses, globs) -> ``qmplink`` (one QMP session on
+qemu.qmp) -> ``vmconnection`` (envelopes, reconnects) -> ``listen`` (server
+mode) -> this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from qemu.qmp import QMPError
+
+from reactor.sources import server as listen_mode
+from reactor.sources.discovery import default_vm_name, parse_address, scan_globs
+from reactor.sources.session import MAX_MESSAGE, QmpLink
+from reactor.sources.vm import OnEnvelope, OnState, SessionFailed, VmConnection
+
+__all__ = ["ConnectionManager", "VmConnection"]
+
+log = logging.getLogger(__name__)
+
+SEQ_MEMORY = 4096
+"""Sources whose last ``seq`` is remembered after their connection is dropped."""
+
+RESTART_PAUSE = 1.0
+"""Seconds before a connection task that hit a bug of ours starts over."""
+
+
+class ConnectionManager:
+    """All QMP connections of the sidecar, each one its own task.
+
+    ``names`` maps addresses to VM names (else a socket's stem, or in server mode
+    QEMU's ``-name``); ``on_state(vm, connected)`` hears every (dis)connect.
+    ``add`` needs a running event loop.
+    """
+
+    def __init__(
+        self,
+        on_envelope: OnEnvelope,
+        *,
+        names: Mapping[str, str] | None = None,
+        greeting_timeout: float = 5.0,
+        backoff_max: float = 2.0,
+        on_state: OnState | None = None,
+        max_message: int = MAX_MESSAGE,
+    ) -> None:
+        self._on_envelope = on_envelope
+        self._names = dict(names or {})
+        self._options: dict[str, Any] = {
+            "greeting_timeout": greeting_timeout,
+            "backoff_max": backoff_max,
+            "max_message": max_message,
+            "on_state": on_state,
+        }
+        self._conns: dict[str, VmConnection] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._by_name: dict[str, VmConnection] = {}
+        self._glob_owned: set[str] = set()
+        self._seqs: OrderedDict[str, int] = OrderedDict()
+
+    # -- lookup -----------------------------------------------------------------------
+
+    def get(self, vm: str) -> VmConnection | None:
+        """The connection of the VM called ``vm``, if we have one."""
+        return self._by_name.get(vm)
+
+    def connections(self) -> list[VmConnection]:
+        """Every connection, connected or not."""
+        return list(self._conns.values())
+
+    # -- explicit addresses -----------------------------------------------------------
+
+    def add(self, address: str, name: str | None = None) -> VmConnection:
+        """Start connecting to ``address`` (kept up until removed); returns its connection.
+
+        Raises ``ConfigError`` for an address that does not parse.
+        """
+        existing = self._conns.get(address)
+        if existing is not None:
+            return existing
+        target = parse_address(address)
+        vm = self._new(address, name or self._names.get(address) or default_vm_name(address))
+        self._tasks[address] = asyncio.get_running_loop().create_task(
+            self._dial(vm, target), name=f"qmp:{vm.name}"
+        )
+        return vm
+
+    async def remove(self, address: str, reason: str = "removed") -> None:
+        """Stop and forget the connection to ``address`` (a no-op if there is none)."""
+        vm = self._conns.get(address)
+        task = self._tasks.pop(address, None)
+        self._glob_owned.discard(address)
+        if vm is None or task is None:
+            return
+        vm.stop_reason = reason
+        task.cancel()
+        await asyncio.wait([task])
+        self._forget(vm)
+
+    async def _dial(self, vm: VmConnection, target: Any) -> None:
+        while True:
+            try:
+                await vm.dial_forever(target)
+            except Exception:
+                log.exception("%s: connection task failed; starting over", vm.name)
+                await asyncio.sleep(RESTART_PAUSE)
+
+    # -- globs ------------------------------------------------------------------------
+
+    async def watch_globs(self, globs: Sequence[str], interval: float = 1.0) -> None:
+        """Follow the unix sockets matching ``globs`` until cancelled.
+
+        Run one watcher at a time with every glob: it drops glob-found sockets
+        that no longer match. Connections stay when the watcher is cancelled,
+        so a new watcher (after a reload) takes them over without a reconnect.
+        """
+        while True:
+            await self.scan_globs(globs)
+            await asyncio.sleep(interval)
+
+    async def scan_globs(self, globs: Sequence[str]) -> None:
+        """One pass of ``watch_globs``: add new matching sockets, drop vanished ones."""
+        found = scan_globs(globs)
+        for path in sorted(found):
+            if path not in self._conns:
+                self.add(path)
+                self._glob_owned.add(path)
+        for path in sorted(self._glob_owned - found):
+            await self.remove(path, reason="socket file removed")
+
+    # -- server mode ------------------------------------------------------------------
+
+    async def listen(self, address: str) -> None:
+        """Accept QEMU connections on ``address`` until cancelled (server mode)."""
+        await listen_mode.serve(
+            address,
+            lambda link, peer: self._adopt(link, peer, address),
+            greeting_timeout=self._options["greeting_timeout"],
+            max_message=self._options["max_message"],
+        )
+
+    async def _adopt(self, link: QmpLink, peer: str, listen_address: str) -> None:
+        name = await self._query_name(link) or peer
+        source = f"{listen_address}#{name}"
+        previous = self._tasks.pop(source, None)
+        if previous is not None:
+            # QEMU came back before we noticed the old session died: the new one wins.
+            self._conns[source].stop_reason = "replaced by a new connection"
+            previous.cancel()
+            await asyncio.wait([previous])
+        vm = self._conns.get(source) or self._new(source, name)
+        me = asyncio.current_task()
+        assert me is not None
+        self._tasks[source] = me
+        try:
+            await vm.serve(link)
+        except SessionFailed as err:
+            log.warning("%s: %s: %s", name, source, err)
+        finally:
+            if self._tasks.get(source) is me:
+                del self._tasks[source]
+                self._forget(vm)
+
+    async def _query_name(self, link: QmpLink) -> str | None:
+        try:
+            async with asyncio.timeout(self._options["greeting_timeout"]):
+                reply = await link.execute("query-name")
+        except (QMPError, OSError, TimeoutError):
+            return None
+        name = reply.get("name") if isinstance(reply, dict) else None
+        return name if isinstance(name, str) and name else None
+
+    # -- bookkeeping ------------------------------------------------------------------
+
+    def _new(self, address: str, name: str) -> VmConnection:
+        seq = self._seqs.pop(address, 0)
+        vm = VmConnection(address, name, self._on_envelope, seq=seq, **self._options)
+        self._conns[address] = vm
+        clash = self._by_name.get(name)
+        if clash is not None:
+            log.warning("VM name %r used by %s and %s", name, clash.address, address)
+        self._by_name[name] = vm
+        return vm
+
+    def _forget(self, vm: VmConnection) -> None:
+        if self._conns.get(vm.address) is vm:
+            del self._conns[vm.address]
+        if self._by_name.get(vm.name) is vm:
+            del self._by_name[vm.name]
+        # Remember where seq stopped, so a socket that comes back continues it.
+        self._seqs[vm.address] = vm.seq
+        self._seqs.move_to_end(vm.address)
+        while len(self._seqs) > SEQ_MEMORY:
+            self._seqs.popitem(last=False)
+
+    async def aclose(self) -> None:
+        """Close every connection (each ends with REACTOR_DISCONNECTED if it was up)."""
+        tasks = list(self._tasks.values())
+        for address, task in list(self._tasks.items()):
+            self._conns[address].stop_reason = "qmp-reactor is closing"
+            task.cancel()
+        self._tasks.clear()
+        if tasks:
+            await asyncio.wait(tasks)
+        for vm in list(self._conns.values()):
+            self._forget(vm)
+        self._glob_owned.clear()
+
+    async def __aenter__(self) -> ConnectionManager:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with contextlib.suppress(Exception):
+            await self.aclose()
