@@ -7,8 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from reactor.plugins.api import ActionContext, ActionType
-from reactor.plugins.hookspecs import Register, hookimpl
+from reactor import ActionContext, ActionType, Register, hookimpl
 
 
 class AppendLineParams(BaseModel):

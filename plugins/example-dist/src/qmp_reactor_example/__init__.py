@@ -10,8 +10,7 @@ import sys
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from reactor.plugins.api import ActionContext, ActionType
-from reactor.plugins.hookspecs import Register, hookimpl
+from reactor import ActionContext, ActionType, Register, hookimpl
 
 
 class StdoutParams(BaseModel):
