@@ -1,19 +1,20 @@
 """The ``webhook`` action: an HTTP request with the event, signed when a secret is set.
 
 Every attempt of one invocation carries the same ``Idempotency-Key``, so a
-receiver can drop duplicates a retry produced. With ``secret`` the request is
-signed: ``X-Reactor-Signature: sha256=HEX`` where HEX is the HMAC-SHA256 of
-``f"{timestamp}.".encode() + body`` and ``X-Reactor-Timestamp`` the Unix time in
-seconds (see docs/actions.md for a verifying receiver). Connection errors,
-timeouts, 5xx and 429 are retried (``Retry-After`` honoured); redirects are not
-followed; any other 4xx is permanent.
+receiver can drop duplicates a retry produced. ``format`` frames and signs the
+request (``reactor``, ``standard-webhooks``, ``cloudevents``,
+``cloudevents-structured``: see ``_webhook_formats``); with the default, a
+``secret`` signs it as ``X-Reactor-Signature: sha256=HEX`` where HEX is the
+HMAC-SHA256 of ``f"{timestamp}.".encode() + body`` and ``X-Reactor-Timestamp``
+the Unix time in seconds (see docs/actions.md for verifying receivers).
+Connection errors, timeouts, 5xx and 429 are retried (``Retry-After``
+honoured); redirects are not followed; any other 4xx is permanent, and 410 Gone
+says the endpoint is gone for good.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import time
 from datetime import UTC, datetime
@@ -24,6 +25,8 @@ import httpx
 from pydantic import Field
 
 from reactor import __version__
+from reactor.actions._webhook_formats import Format, frame, secret_problem
+from reactor.actions._webhook_formats import sign as sign  # the reactor format's recipe
 from reactor.errors import PermanentActionError, TransientActionError
 from reactor.params.secrets import redact
 from reactor.params.templates import is_template
@@ -44,7 +47,16 @@ class WebhookParams(ActionParams):
         description='default {"rule": ..., "event": envelope}; a string is sent as written, '
         "a mapping as JSON",
     )
-    secret: str | None = Field(None, description="HMAC-SHA256 signing key (use ${env:NAME})")
+    secret: str | tuple[str, ...] | None = Field(
+        None,
+        description="HMAC-SHA256 signing key (use ${env:NAME}); a list signs with each key "
+        "(a rotation); whsec_BASE64 is decoded for Standard Webhooks signatures",
+    )
+    format: Format = Field(
+        "reactor",
+        description="reactor, standard-webhooks, cloudevents (binary mode) "
+        "or cloudevents-structured",
+    )
     timeout: Duration = Field(10.0, gt=0, description="request timeout")
     verify_tls: bool = Field(True, description="verify the server's TLS certificate")
 
@@ -81,12 +93,6 @@ async def aclose_shared_clients() -> None:
     await _SHARED.aclose()
 
 
-def sign(secret: str, timestamp: int, body: bytes) -> str:
-    """The signature header value: ``sha256=`` + hex HMAC-SHA256 of ``"{timestamp}." + body``."""
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
-    return f"sha256={mac.hexdigest()}"
-
-
 def _body(params: WebhookParams, ctx: ActionContext) -> bytes:
     if isinstance(params.body, str):
         return params.body.encode()
@@ -94,14 +100,26 @@ def _body(params: WebhookParams, ctx: ActionContext) -> bytes:
     return json.dumps(payload, default=str, ensure_ascii=False).encode()
 
 
-def _headers(params: WebhookParams, ctx: ActionContext, body: bytes) -> dict[str, str]:
+def _secrets(params: WebhookParams) -> tuple[str, ...]:
+    secret = params.secret  # an empty one (an unset-but-empty variable) signs nothing
+    return tuple(s for s in ((secret,) if isinstance(secret, str) else secret or ()) if s)
+
+
+def _request(params: WebhookParams, ctx: ActionContext) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of one attempt: the user's headers, then the format's."""
+    try:
+        body, framed = frame(
+            params.format, _body(params, ctx), _secrets(params), ctx, int(time.time())
+        )
+    except ValueError as err:  # a malformed secret; the message quotes none of it
+        raise PermanentActionError(f"webhook: secret: {err}") from None
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **params.headers}
     headers["Idempotency-Key"] = ctx.idempotency_key
-    if params.secret:
-        timestamp = int(time.time())
-        headers["X-Reactor-Timestamp"] = str(timestamp)
-        headers["X-Reactor-Signature"] = sign(params.secret, timestamp, body)
-    return headers
+    for name, value in framed.items():
+        for other in [h for h in headers if h.lower() == name.lower()]:
+            del headers[other]
+        headers[name] = value
+    return body, headers
 
 
 def retry_after(value: str | None) -> float | None:
@@ -124,6 +142,8 @@ def _judge(response: httpx.Response, where: str) -> None:
     status = response.status_code
     if status < 300:
         return
+    if status == 410:
+        raise PermanentActionError(f"{where}: HTTP 410 Gone: the endpoint is gone, not retried")
     if status == 429 or status >= 500:
         raise TransientActionError(
             f"{where}: HTTP {status}", retry_after=retry_after(response.headers.get("Retry-After"))
@@ -137,7 +157,7 @@ def _judge(response: httpx.Response, where: str) -> None:
 
 async def run_webhook(params: WebhookParams, ctx: ActionContext) -> dict[str, Any]:
     """Send the request; returns the status code, or raises a transient/permanent error."""
-    body = _body(params, ctx)
+    body, headers = _request(params, ctx)
     where = redact(f"webhook {params.method} {params.url}")
     client = _SHARED.get(params.verify_tls)
     try:
@@ -145,7 +165,7 @@ async def run_webhook(params: WebhookParams, ctx: ActionContext) -> dict[str, An
             params.method,
             params.url,
             content=body,
-            headers=_headers(params, ctx, body),
+            headers=headers,
             timeout=params.timeout,
         )
     except httpx.TimeoutException as err:
@@ -161,10 +181,28 @@ async def run_webhook(params: WebhookParams, ctx: ActionContext) -> dict[str, An
 
 
 def check_webhook(params: WebhookParams, ctx: CheckContext) -> list[str]:
-    """A URL written out (not a template) must be http or https."""
+    """A URL written out (not a template) must be http or https; secrets written out must sign."""
+    problems = _secret_problems(params)
     if is_template(params.url) or params.url.startswith(("http://", "https://")):
-        return []
-    return [f"url {params.url!r} is not an http:// or https:// URL"]
+        return problems
+    return [f"url {params.url!r} is not an http:// or https:// URL", *problems]
+
+
+def _secret_problems(params: WebhookParams) -> list[str]:
+    """Problems of the secrets written out; references are read at run time, values never shown."""
+    secret = params.secret
+    if isinstance(secret, tuple) and not secret:
+        return ["secret: an empty list signs nothing; leave secret out instead"]
+    if secret is None or (isinstance(secret, str) and params.format == "reactor"):
+        return []  # one reactor key is used as written, as it always was
+    secrets = (secret,) if isinstance(secret, str) else secret
+    found = [
+        (i, problem)
+        for i, one in enumerate(secrets)
+        if not is_template(one) and (problem := secret_problem(one, params.format))
+    ]
+    name = "secret" if isinstance(secret, str) else "secret[{}]"
+    return [f"{name.format(i)}: {problem}" for i, problem in found]
 
 
 WEBHOOK = ActionType(
