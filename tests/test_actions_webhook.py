@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import socket
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import standardwebhooks
+from cloudevents.core.bindings.http import HTTPMessage, from_http_event
+from pydantic import ValidationError
 
 from reactor import __version__
 from reactor.actions.prepare import prepare_action
@@ -278,3 +282,151 @@ def test_the_documented_receiver_verifies_our_requests(server: tuple[str, Script
         "X-Reactor-Signature": "sha256=" + hmac_sha256(b"shared-key", f"{old}.".encode() + b"{}"),
     }
     assert namespace["verify"](b"shared-key", stale, b"{}") is False  # signed, but too old
+
+
+# -- formats: Standard Webhooks and CloudEvents, verified with their public libraries ------
+
+WHSEC = "whsec_" + base64.b64encode(b"a key of thirty-two random bytes").decode()
+OLD_WHSEC = "whsec_" + base64.b64encode(b"the key being retired this week").decode()
+
+
+def with_envelope(envelope: dict[str, Any]) -> ActionContext:
+    ctx = make_ctx()
+    ctx.envelope = envelope
+    return ctx
+
+
+def send(params: WebhookParams, ctx: ActionContext) -> None:
+    async def go() -> None:
+        try:
+            await run_webhook(params, ctx)
+        finally:
+            await aclose_shared_clients()
+
+    asyncio.run(go())
+
+
+def test_standard_webhooks_signature_verifies_and_keeps_its_id_across_retries(
+    server: tuple[str, Script],
+) -> None:
+    url, script = server
+    script.responses[:] = [(503, {}, 0.0), (200, {}, 0.0)]
+    params = WebhookParams(url=url, secret=WHSEC, format="standard-webhooks")
+    with pytest.raises(TransientActionError):
+        attempt(params, 1)
+    attempt(params, 2)
+    verifier = standardwebhooks.Webhook(WHSEC)
+    for request in script.seen:
+        assert verifier.verify(request.body, request.headers) == {
+            "rule": "panic-hook",
+            "event": ENVELOPE,
+        }
+        assert abs(int(request.headers["webhook-timestamp"]) - time.time()) < 300
+        assert "X-Reactor-Signature" not in request.headers
+    assert {r.headers["webhook-id"] for r in script.seen} == {"idem-7f3a"}
+    assert {r.headers["Idempotency-Key"] for r in script.seen} == {"idem-7f3a"}
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(OLD_WHSEC).verify(script.seen[0].body, script.seen[0].headers)
+    tampered = dict(script.seen[0].headers, **{"webhook-id": "idem-other"})
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        verifier.verify(script.seen[0].body, tampered)  # the id is signed too
+
+
+def test_key_rotation_signs_with_each_key(server: tuple[str, Script]) -> None:
+    url, script = server
+    attempt(WebhookParams(url=url, secret=(OLD_WHSEC, "plain-new"), format="standard-webhooks"), 1)
+    request = script.seen[0]
+    assert len(request.headers["webhook-signature"].split(" ")) == 2
+    standardwebhooks.Webhook(OLD_WHSEC).verify(request.body, request.headers)
+    standardwebhooks.Webhook(b"plain-new").verify(request.body, request.headers)  # as bytes
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(b"plain-other").verify(request.body, request.headers)
+
+
+def test_reactor_format_with_two_keys_sends_one_signature_each(server: tuple[str, Script]) -> None:
+    url, script = server
+    attempt(WebhookParams(url=url, secret=("k-old", "k-new")), 1)
+    request = script.seen[0]
+    signed = f"{request.headers['X-Reactor-Timestamp']}.".encode() + request.body
+    assert request.headers["X-Reactor-Signature"] == " ".join(
+        f"sha256={hmac_sha256(key, signed)}" for key in (b"k-old", b"k-new")
+    )
+
+
+def test_cloudevents_binary_mode_parses_with_the_sdk(server: tuple[str, Script]) -> None:
+    url, script = server
+    envelope = {**ENVELOPE, "host": "hv-1", "vm": 'web 1 "é" 100%/x'}
+    envelope["timestamp"] = {"seconds": 1700000000, "microseconds": 250}
+    send(WebhookParams(url=url, format="cloudevents"), with_envelope(envelope))
+    request = script.seen[0]
+    assert all(v.isascii() and " " not in v for k, v in request.headers.items() if k[:3] == "ce-")
+    event = from_http_event(HTTPMessage(request.headers, request.body))
+    assert event.get_specversion() == "1.0"
+    assert event.get_id() == "idem-7f3a"
+    assert event.get_type() == "org.qemu.qmp.GUEST_PANICKED"
+    assert event.get_subject() == envelope["vm"]
+    assert event.get_source() == "qmp-reactor://hv-1/web%201%20%22%C3%A9%22%20100%25%2Fx"
+    assert event.get_time() == datetime(2023, 11, 14, 22, 13, 20, 250, tzinfo=UTC)
+    assert event.get_datacontenttype() == "application/json"
+    assert event.get_data() == {"rule": "panic-hook", "event": envelope}
+    assert "webhook-signature" not in request.headers  # no secret, no signature
+
+
+def test_cloudevents_structured_mode_parses_with_the_sdk_and_is_signed(
+    server: tuple[str, Script],
+) -> None:
+    url, script = server
+    params = WebhookParams(url=url, format="cloudevents-structured", secret=WHSEC)
+    send(params, make_ctx())
+    send(WebhookParams(url=url, format="cloudevents-structured", body="vm w"), make_ctx())
+    request = script.seen[0]
+    assert request.headers["Content-Type"].startswith("application/cloudevents+json")
+    standardwebhooks.Webhook(WHSEC).verify(request.body, request.headers)
+    event = from_http_event(HTTPMessage(request.headers, request.body))
+    assert (event.get_id(), event.get_subject()) == ("idem-7f3a", "web1")
+    assert event.get_source() == f"qmp-reactor://{socket.gethostname()}/web1"
+    assert event.get_time() == datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC)
+    assert event.get_data() == {"rule": "panic-hook", "event": ENVELOPE}
+    plain = json.loads(script.seen[1].body)
+    assert (plain["data"], plain["datacontenttype"]) == ("vm w", "text/plain; charset=utf-8")
+
+
+def test_cloudevents_time_falls_back_to_arrival_when_qemu_had_no_clock(
+    server: tuple[str, Script],
+) -> None:
+    url, script = server
+    envelope = {**ENVELOPE, "timestamp": {"seconds": -1, "microseconds": -1}}
+    send(WebhookParams(url=url, format="cloudevents"), with_envelope(envelope))
+    assert script.seen[0].headers["ce-time"] == "2023-11-14T22:13:20.000000Z"
+
+
+def test_410_gone_is_permanent_whatever_retry_after_says(server: tuple[str, Script]) -> None:
+    url, script = server
+    script.responses[:] = [(410, {"Retry-After": "1"}, 0.0)]
+    with pytest.raises(PermanentActionError, match="HTTP 410 Gone"):
+        attempt(WebhookParams(url=url, format="standard-webhooks"), 1)
+
+
+def test_a_malformed_whsec_secret_fails_permanently_without_showing_it(
+    server: tuple[str, Script],
+) -> None:
+    url, script = server
+    with pytest.raises(PermanentActionError, match="base64") as info:
+        attempt(WebhookParams(url=url, secret="whsec_not*base64", format="cloudevents"), 1)
+    assert "not*base64" not in str(info.value) and not script.seen
+
+
+def test_check_validates_format_and_secrets_without_printing_them() -> None:
+    assert WEBHOOK.check is not None
+    ctx = CheckContext(settings=ActionSettings(), rule="r")
+    with pytest.raises(ValidationError, match="standard-webhooks"):
+        WebhookParams.model_validate({"url": "http://x/", "format": "standard-webhook"})
+    bad = WebhookParams(url="http://x/", secret=["${env:K}", "whsec_%%%"], format="cloudevents")
+    assert WEBHOOK.check(bad, ctx) == ["secret[1]: a whsec_ secret must be base64 after the prefix"]
+    empty = WebhookParams(url="http://x/", secret="whsec_", format="standard-webhooks")
+    assert WEBHOOK.check(empty, ctx) == ["secret: a whsec_ secret must hold a key after the prefix"]
+    assert WEBHOOK.check(WebhookParams(url="http://x/", secret=[]), ctx)
+    assert WEBHOOK.check(WebhookParams(url="http://x/", secret="whsec_%%%"), ctx) == []  # reactor
+    assert (
+        WEBHOOK.check(WebhookParams(url="http://x/", secret=WHSEC, format="cloudevents"), ctx) == []
+    )
