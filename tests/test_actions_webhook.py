@@ -334,7 +334,7 @@ def test_standard_webhooks_signature_verifies_and_keeps_its_id_across_retries(
 
 def test_key_rotation_signs_with_each_key(server: tuple[str, Script]) -> None:
     url, script = server
-    attempt(WebhookParams(url=url, secret=(OLD_WHSEC, "plain-new"), format="standard-webhooks"), 1)
+    attempt(WebhookParams(url=url, secret=[OLD_WHSEC, "plain-new"], format="standard-webhooks"), 1)
     request = script.seen[0]
     assert len(request.headers["webhook-signature"].split(" ")) == 2
     standardwebhooks.Webhook(OLD_WHSEC).verify(request.body, request.headers)
@@ -345,7 +345,7 @@ def test_key_rotation_signs_with_each_key(server: tuple[str, Script]) -> None:
 
 def test_reactor_format_with_two_keys_sends_one_signature_each(server: tuple[str, Script]) -> None:
     url, script = server
-    attempt(WebhookParams(url=url, secret=("k-old", "k-new")), 1)
+    attempt(WebhookParams(url=url, secret=["k-old", "k-new"]), 1)
     request = script.seen[0]
     signed = f"{request.headers['X-Reactor-Timestamp']}.".encode() + request.body
     assert request.headers["X-Reactor-Signature"] == " ".join(

@@ -47,7 +47,7 @@ class WebhookParams(ActionParams):
         description='default {"rule": ..., "event": envelope}; a string is sent as written, '
         "a mapping as JSON",
     )
-    secret: str | tuple[str, ...] | None = Field(
+    secret: str | list[str] | None = Field(
         None,
         description="HMAC-SHA256 signing key (use ${env:NAME}); a list signs with each key "
         "(a rotation); whsec_BASE64 is decoded for Standard Webhooks signatures",
@@ -191,7 +191,7 @@ def check_webhook(params: WebhookParams, ctx: CheckContext) -> list[str]:
 def _secret_problems(params: WebhookParams) -> list[str]:
     """Problems of the secrets written out; references are read at run time, values never shown."""
     secret = params.secret
-    if isinstance(secret, tuple) and not secret:
+    if isinstance(secret, list) and not secret:
         return ["secret: an empty list signs nothing; leave secret out instead"]
     if secret is None or (isinstance(secret, str) and params.format == "reactor"):
         return []  # one reactor key is used as written, as it always was
