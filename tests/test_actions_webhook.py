@@ -265,12 +265,19 @@ def test_check_refuses_non_http_urls() -> None:
     assert WEBHOOK.check(WebhookParams(url="https://hooks.example/x"), ctx) == []
 
 
+def documented(function: str) -> dict[str, Any]:
+    """The namespace of the Python block in docs/actions.md that defines ``function``."""
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "actions.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in docs.split("```python\n")[1:]]
+    [source] = [block for block in blocks if f"def {function}(" in block]
+    namespace: dict[str, Any] = {}
+    exec(source, namespace)
+    return namespace
+
+
 def test_the_documented_receiver_verifies_our_requests(server: tuple[str, Script]) -> None:
     url, script = server
-    docs = (Path(__file__).resolve().parent.parent / "docs" / "actions.md").read_text()
-    snippet = docs.split("### Verifying signatures", 1)[1].split("```python\n", 1)[1]
-    namespace: dict[str, Any] = {}
-    exec(snippet.split("```", 1)[0], namespace)
+    namespace = documented("verify")
     attempt(WebhookParams(url=url, secret="shared-key"), 1)
     request = script.seen[0]
     assert namespace["verify"](b"shared-key", request.headers, request.body) is True
@@ -430,3 +437,24 @@ def test_check_validates_format_and_secrets_without_printing_them() -> None:
     assert (
         WEBHOOK.check(WebhookParams(url="http://x/", secret=WHSEC, format="cloudevents"), ctx) == []
     )
+
+
+def test_the_documented_receivers_accept_every_format(server: tuple[str, Script]) -> None:
+    url, script = server
+    attempt(WebhookParams(url=url, secret=["old-key", "new-key"]), 1)
+    attempt(WebhookParams(url=url, secret=[OLD_WHSEC, WHSEC], format="standard-webhooks"), 1)
+    attempt(WebhookParams(url=url, format="cloudevents"), 1)
+    attempt(WebhookParams(url=url, format="cloudevents-structured"), 1)
+    reactor, standard, binary, structured = script.seen
+    verify = documented("verify")["verify"]
+    assert verify(b"old-key", reactor.headers, reactor.body)
+    assert verify(b"new-key", reactor.headers, reactor.body)
+    assert not verify(b"new-key", reactor.headers, reactor.body + b" ")
+    verify_standard = documented("verify_standard")["verify_standard"]
+    assert verify_standard(WHSEC, standard.headers, standard.body)["rule"] == "panic-hook"
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        verify_standard(WHSEC, standard.headers, standard.body + b" ")
+    parse = documented("parse_cloudevent")["parse_cloudevent"]
+    expected = ("org.qemu.qmp.GUEST_PANICKED", "web1", {"rule": "panic-hook", "event": ENVELOPE})
+    assert parse(binary.headers, binary.body) == expected
+    assert parse(structured.headers, structured.body) == expected
