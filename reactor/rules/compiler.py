@@ -277,11 +277,20 @@ class Compiler(PartsCompiler):
 
 
 def rule_files(paths: Sequence[Path]) -> list[Path]:
-    """The rule files named: files as given, directories searched for *.yaml / *.yml."""
+    """The rule files named: files as given, directories searched for *.yaml / *.yml.
+
+    In a directory, ``*_test.yaml`` files are rule tests (``qmp-reactor test``), not rules.
+    """
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml")))
+            found.extend(
+                sorted(
+                    p
+                    for p in path.rglob("*")
+                    if p.suffix in (".yaml", ".yml") and not p.stem.endswith("_test")
+                )
+            )
         else:
             found.append(path)
     return found
