@@ -74,6 +74,26 @@ class Threshold:
     key: tuple[CompiledPath, ...]
 
 
+CorrelationKind = Literal["absent", "followed_by"]
+
+
+@dataclass(frozen=True, slots=True)
+class Correlation:
+    """A rule's ``absent:`` or ``followed_by:``: which events follow its first, and how soon.
+
+    ``events`` and ``condition`` select followers as ``on``/``when`` select firsts;
+    a follower belongs to the pending first with the same ``key``; it counts when
+    it comes before the first's time + ``within``.
+    """
+
+    kind: CorrelationKind
+    events: tuple[str, ...]
+    within: float
+    key: tuple[CompiledPath, ...]
+    condition: Predicate | None = None
+    explain: Callable[[Envelope], str | None] | None = None
+
+
 RuleMode = Literal["queued", "single", "restart", "parallel"]
 
 
@@ -92,6 +112,7 @@ class Rule:
     """The condition as data (``reactor.rules.conditions.Cond``), for matchers that compile it."""
     throttle: Throttle | None = None
     threshold: Threshold | None = None
+    correlation: Correlation | None = None
     mode: RuleMode = "queued"
     enabled: bool = True
 

@@ -7,7 +7,8 @@ Each test boots the cached guest (see tests/support/guest.py) with two virtio-se
 
 * six quick open/close cycles of portA and one of portB in the guest: QEMU sends each port's
   final state a second later; the sidecar sees exactly QEMU's sequence and its port-closed
-  rules fire once per port, for the final close, never for the stale ones;
+  rules fire once per port, for the final close, never for the stale ones; an ``absent``
+  rule fires for a port closed for good at its deadline, never for one reopened in time;
 * QMP ``balloon``: every BALLOON_CHANGE QEMU delivers reaches a rule;
 * ``echo c > /proc/sysrq-trigger``: the default pack's guest-panic-restart resets and resumes the
   VM through restart_vm, which verifies it runs; the guest boots to its shell again, and the
@@ -38,6 +39,7 @@ from tests.support.tap import Event, EventTap
 pytestmark = [pytest.mark.qemu, pytest.mark.guest]
 
 MiB = 1024 * 1024
+GONE_WITHIN_S = 5
 
 EXTRA_RULES = """\
 rules:
@@ -57,6 +59,17 @@ rules:
     actions:
       - type: log
         with: {message: "closed {{ data.id }}"}
+  - name: test-port-gone
+    on: VSERPORT_CHANGE
+    when: {path: $.data.open, equals: false}
+    absent:
+      on: VSERPORT_CHANGE
+      when: {path: $.data.open, equals: true}
+      within: GONE_WITHIN
+      key: [$.vm, $.data.id]
+    actions:
+      - type: log
+        with: {message: "gone {{ data.id }}"}
   - name: test-balloon
     on: BALLOON_CHANGE
     actions:
@@ -112,7 +125,9 @@ def rig(tmp_path: Path) -> Iterator[GuestRig]:
         print(f"\nguest booted to its shell in {time.monotonic() - started:.1f} s")
         tap = stack.enter_context(EventTap(qemu.qmp_socket("tap")))
         extra = tmp_path / "extra.yaml"
-        extra.write_text(EXTRA_RULES.replace("URL", receiver.url))
+        extra.write_text(
+            EXTRA_RULES.replace("URL", receiver.url).replace("GONE_WITHIN", f"{GONE_WITHIN_S}s")
+        )
         sidecar = stack.enter_context(
             Sidecar(tmp_path, [qemu.qmp_socket("guest")], [DEFAULT_RULES, extra])
         )
@@ -153,16 +168,35 @@ def test_port_flap_fires_for_the_final_closes_only(rig: GuestRig) -> None:
     closed = _by_seq(rig.sidecar.wait_audit("test-port-closed", 2))
     assert [line["message"] for line in closed] == ["closed portA", "closed portB"]
     assert [line["seq"] for line in closed] == [env["seq"] for env in seen[2:]]
-    # The default pack's rule fired for the same two closes, and only for them.
-    notices = [
-        r["message"]
-        for r in rig.sidecar.records()
-        if r.get("logger") == "reactor.notify" and r.get("rule") == "guest-agent-port-closed"
-    ]
-    assert sorted(n.split(":")[0] for n in notices) == [
-        "Port portA closed on guest",
-        "Port portB closed on guest",
-    ]
+    # Neither port opens again: the absent rule fires for each final close, once.
+    gone = _by_seq(rig.sidecar.wait_audit("test-port-gone", 2, timeout=GONE_WITHIN_S + 30))
+    assert [line["message"] for line in gone] == ["gone portA", "gone portB"]
+    assert [line["seq"] for line in gone] == [env["seq"] for env in seen[2:]]
+
+
+def test_a_port_reopened_in_time_is_not_gone(rig: GuestRig) -> None:
+    """Closed and opened again within the window: nothing; closed for good: one firing, late."""
+    port = "/dev/vport0p1"
+    # QEMU sends a port's change at once when its last one is over a second old.
+    rig.qemu.run_in_guest(f"exec 3>{port}; sleep 1.5; exec 3>&-; sleep 1.5; exec 3>{port}")
+    rig.tap.wait_count("VSERPORT_CHANGE", 3, timeout=15)
+    reopened = time.monotonic()
+    rig.qemu.run_in_guest("sleep 1.5; exec 3>&-")
+    rig.tap.wait_count("VSERPORT_CHANGE", 4, timeout=15)
+    closed = time.monotonic()
+    states = [e["data"]["open"] for _, e in rig.tap.events("VSERPORT_CHANGE")]
+    assert states == [True, False, True, False]
+    [gone] = rig.sidecar.wait_audit("test-port-gone", 1, timeout=GONE_WITHIN_S + 30)
+    fired = time.monotonic()
+    assert gone["message"] == "gone portA"
+    assert int(gone["seq"]) == max(
+        int(r["seq"]) for r in rig.sidecar.wait_audit("test-port-closed", 2)
+    )
+    # The first close was cancelled by the reopening; the second fired at its deadline.
+    assert fired - closed >= GONE_WITHIN_S - 0.5
+    assert reopened < closed
+    time.sleep(1.0)
+    assert len(rig.sidecar.wait_audit("test-port-gone", 1)) == 1
 
 
 def test_balloon_change_reaches_a_rule(rig: GuestRig) -> None:

@@ -147,10 +147,11 @@ def test_golden_flapping_ports_fire_final_closes_at_window_ends() -> None:
     events = _recorded("vserport-flap.jsonl")
     states = [(e["data"]["id"], e["data"]["open"]) for e in events]
     assert states == [("portA", True), ("portB", True), ("portA", False), ("portB", False)]
-    # Each close is held until one second after its port's open, QEMU's window.
-    assert _fired(_golden("vserport-flap.jsonl"), "guest-agent-port-closed") == [
-        (3, _t(_ts(events[0]) + 1.0)),
-        (4, _t(_ts(events[1]) + 1.0)),
+    # Each close is held until one second after its port's open, QEMU's window; the
+    # port is never opened again, so guest-agent-gone fires a minute after that.
+    assert _fired(_golden("vserport-flap.jsonl"), "guest-agent-gone") == [
+        (3, _t(_ts(events[0]) + 1.0 + 60.0)),
+        (4, _t(_ts(events[1]) + 1.0 + 60.0)),
     ]
 
 
@@ -161,8 +162,14 @@ def test_golden_guest_panic_restarts_and_notifies() -> None:
         ("guest-panic-restart", "restart_vm", 1),
         ("guest-panic-notify", "notify", 1),
         ("audit-lifecycle", "log", 2),
+        # Nothing follows in the recording: no RESET or RESUME within 2 minutes, no RESUME,
+        # SHUTDOWN or disconnection within 5.
+        ("guest-panic-not-recovered", "notify", 1),
+        ("vm-stopped-not-resumed", "notify", 2),
     ]
     assert golden[0]["time"] == _t(_ts(events[0]))
+    assert golden[3]["time"] == _t(_ts(events[0]) + 120.0)
+    assert golden[4]["time"] == _t(_ts(events[1]) + 300.0)
 
 
 def test_golden_combined_recording() -> None:
@@ -180,9 +187,13 @@ def test_golden_combined_recording() -> None:
         for i, e in enumerate(events)
         if e["event"] == "VSERPORT_CHANGE" and not e["data"]["open"]
     ]
-    assert [s for s, _ in _fired(golden, "guest-agent-port-closed")] == closes
+    assert [s for s, _ in _fired(golden, "guest-agent-gone")] == closes
     panic = [i + 1 for i, e in enumerate(events) if e["event"] == "GUEST_PANICKED"]
     assert [s for s, _ in _fired(golden, "guest-panic-restart")] == panic
+    # The recording ends with a quit: its last STOP is followed by SHUTDOWN, the first by
+    # RESUME; the panic is followed by neither RESET nor RESUME.
+    assert _fired(golden, "vm-stopped-not-resumed") == []
+    assert [s for s, _ in _fired(golden, "guest-panic-not-recovered")] == panic
 
 
 def test_golden_other_recordings() -> None:
@@ -291,6 +302,9 @@ def test_qemu_stage_keeps_a_real_recordings_firings(name: str, stage_rules: Rule
     for firing in staged:
         seq = firing.envelope["seq"]
         if seq in held:
-            assert _t(firing.time) == expected_held[seq] > _t(_ts(events[seq - 1]))
+            # An absent rule fires its (held) first a `within` after the stage let it out.
+            corr = firing.rule.correlation
+            late = corr.within if corr is not None and corr.kind == "absent" else 0.0
+            assert _t(firing.time - late) == expected_held[seq] > _t(_ts(events[seq - 1]))
         else:
             assert _t(firing.time) == unstaged_time[firing.rule.name, seq]

@@ -21,6 +21,7 @@ from reactor.errors import UserError
 COMMAND_MODULES = (
     "reactor.cli.check",
     "reactor.cli.replay",
+    "reactor.cli.test",
     "reactor.cli.run",
     "reactor.cli.tail",
     "reactor.cli.demo",

@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from reactor.clock import Clock
+from reactor.engine.correlation import Correlator
 from reactor.engine.gates import QemuStage, RuleGate
 from reactor.engine.routes import Route, compile_route
 from reactor.model import Envelope, Firing, Rule
-from reactor.rules.ruleset import RuleSet
+from reactor.rules.ruleset import RuleSet, covers
 
 Sink = Callable[[Firing], object]
 Explain = Callable[[Envelope, Rule | None, str], None]
@@ -45,6 +46,8 @@ class Engine:
         self.events_in = 0
         self.rules = rules
         self._gates: dict[str, RuleGate] = {}
+        self._correlators: dict[str, Correlator] = {}
+        self._followers: dict[str, tuple[Correlator, ...]] = {}
         self._routes: dict[str, Route] = {}
         self._ways: dict[str, Route] = {}
         self._make_gates()
@@ -55,8 +58,42 @@ class Engine:
             for r in self.rules.rules
             if r.throttle is not None or r.threshold is not None
         }
+        self._correlators = {
+            r.name: Correlator(r, self.clock, self._correlated_out(r), self.explain)
+            for r in self.rules.rules
+            if r.correlation is not None and r.enabled
+        }
+        self._followers = {}
         self._routes = {}
         self._ways = {}
+
+    def _correlated_out(self, rule: Rule) -> Callable[[Envelope], object]:
+        """Where a correlated rule's firings go: its throttle, else straight to a firing."""
+        gate = self._gates.get(rule.name)
+        if gate is not None:
+            return gate.push
+        assert rule.correlation is not None
+        context = {"count": 1, "correlation": rule.correlation.kind}
+        return lambda env: self._fire(Firing(rule, env, self.clock.now(), dict(context)))
+
+    def followers_of(self, event: str) -> tuple[Correlator, ...]:
+        """The correlators that take ``event`` as a possible follower (cached, bounded)."""
+        found = self._followers.get(event)
+        if found is None:
+            found = tuple(
+                c
+                for c in self._correlators.values()
+                if any(covers(pattern, event) for pattern in c.events)
+            )
+            if len(self._followers) >= _ROUTE_LIMIT:
+                self._followers.clear()
+            self._followers[event] = found
+        return found
+
+    @property
+    def pending_firsts(self) -> int:
+        """Correlated firsts waiting for a follower or their deadline."""
+        return sum(len(c) for c in self._correlators.values())
 
     def swap_rules(self, rules: RuleSet) -> None:
         """Use a new, fully validated rule set; window state of the old one is dropped."""
@@ -117,9 +154,19 @@ class Engine:
         route(env)
 
     def _route(self, event: str) -> Route:
-        """The compiled way of ``event`` through the rules, cached (bounded: peers name events)."""
-        gates = {name: gate.push for name, gate in self._gates.items()}
+        """The compiled way of ``event`` through the rules, cached (bounded: peers name events).
+
+        Followers first: an event is offered to correlated rules' pending firsts
+        before it is offered to any rule as a first.
+        """
+        gates: dict[str, Callable[[Envelope], object]] = {
+            name: gate.push for name, gate in self._gates.items()
+        }
+        gates.update((name, c.push) for name, c in self._correlators.items())
         route = compile_route(self.rules.candidates(event), self.clock.now, self.sink, gates)
+        followers = self.followers_of(event)
+        if followers:
+            route = _followed(followers, route)
         if len(self._routes) >= _ROUTE_LIMIT:
             self._routes.clear()
         self._routes[event] = route
@@ -129,11 +176,17 @@ class Engine:
         """The slow path for ``--explain``: every rule is tested and the reason said."""
         explain = self.explain
         assert explain is not None
+        for correlator in self.followers_of(env["event"]):
+            correlator.follow(env)
         for rule in self.rules.candidates(env["event"]):
             cond = rule.condition
             if cond is not None and not cond(env):
                 if rule.explain is not None:
                     explain(env, rule, f"condition failed: {rule.explain(env)}")
+                continue
+            pending = self._correlators.get(rule.name)
+            if pending is not None:
+                explain(env, rule, pending.first(env) or "")
                 continue
             gate = self._gates.get(rule.name)
             if gate is None:
@@ -142,6 +195,17 @@ class Engine:
             why = gate.push(env)
             if why is not None:
                 explain(env, rule, why)
+
+
+def _followed(followers: tuple[Correlator, ...], route: Route) -> Route:
+    """``route`` after offering the event to correlated rules as a follower."""
+
+    def way(env: Envelope) -> None:
+        for correlator in followers:
+            correlator.follow(env)
+        route(env)
+
+    return way
 
 
 def _admitted(admit: Callable[[Envelope], bool], route: Route) -> Route:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from reactor.errors import Diagnostic, Location, RuleError
-from reactor.model import ActionSpec, Rule
+from reactor.model import ActionSpec, Correlation, CorrelationKind, Rule
 from reactor.params.validation import validate_action
 from reactor.plugins.api import ActionSettings, ActionType
 from reactor.rules import conditions as C
@@ -34,9 +34,13 @@ RULE_KEYS = (
     "actions",
     "throttle",
     "threshold",
+    "absent",
+    "followed_by",
     "mode",
     "enabled",
 )
+CORRELATION_KINDS = ("absent", "followed_by")
+CORRELATION_KEYS = ("on", "when", "within", "key")
 ACTION_KEYS = ("type", "with", "retry", "timeout")
 RULE_MODES = ("queued", "single", "restart", "parallel")
 
@@ -103,6 +107,7 @@ class Compiler(PartsCompiler):
         actions = self._actions(node, name or "?")
         throttle = self._throttle(node, ctx) if "throttle" in node else None
         threshold = self._threshold(node, ctx) if "threshold" in node else None
+        correlation = self._correlation(node, threshold is not None)
         mode = node.get("mode", "queued")
         if mode not in RULE_MODES:
             self.error(node.loc("mode"), f"mode must be one of {', '.join(RULE_MODES)}")
@@ -127,6 +132,7 @@ class Compiler(PartsCompiler):
             when=cond,
             throttle=throttle,
             threshold=threshold,
+            correlation=correlation,
             mode=mode,
             enabled=enabled,
         )
@@ -148,9 +154,43 @@ class Compiler(PartsCompiler):
         self._names[name] = node.loc("name")
         return name
 
-    def _events(self, node: MarkedDict) -> list[str]:
+    def _correlation(self, node: MarkedDict, has_threshold: bool) -> Correlation | None:
+        kinds = [k for k in CORRELATION_KINDS if k in node]
+        if not kinds:
+            return None
+        if len(kinds) > 1:
+            self.error(node.key_loc(kinds[1]), "a rule has 'absent' or 'followed_by', not both")
+            return None
+        kind: CorrelationKind = "absent" if kinds[0] == "absent" else "followed_by"
+        if has_threshold:
+            self.error(node.key_loc(kind), f"'{kind}' cannot be used with 'threshold'")
+        spec = node[kind]
+        if not isinstance(spec, MarkedDict):
+            self.error(node.loc(kind), f"'{kind}:' is a mapping: {{on, when, within, key}}")
+            return None
+        self._unknown_keys(spec, CORRELATION_KEYS, kind)
+        scope = RuleScope(f"{kind} of {node.get('name')}", self._events(spec, kind), [])
+        cond = self.condition(spec["when"], spec.loc("when"), scope) if "when" in spec else None
+        key = self._keys(spec, scope)
+        self._check_fields(scope)
+        if "within" not in spec:
+            self.error(spec.location, f"'{kind}' needs 'within', a duration like 60s")
+            return None
+        within = self._duration(spec["within"], spec.loc("within"))
+        if within <= 0:
+            self.error(spec.loc("within"), "within must be longer than zero")
+        return Correlation(
+            kind=kind,
+            events=tuple(scope.events),
+            within=within,
+            key=key,
+            condition=C.compile_predicate(cond) if cond is not None else None,
+            explain=partial(C.explain, cond) if cond is not None else None,
+        )
+
+    def _events(self, node: MarkedDict, what: str = "a rule") -> list[str]:
         if "on" not in node:
-            self.error(node.location, "a rule needs 'on:' (an event name, a list or a glob)")
+            self.error(node.location, f"{what} needs 'on:' (an event name, a list or a glob)")
             return []
         raw = node["on"]
         items: list[tuple[Any, Location]]
@@ -237,11 +277,20 @@ class Compiler(PartsCompiler):
 
 
 def rule_files(paths: Sequence[Path]) -> list[Path]:
-    """The rule files named: files as given, directories searched for *.yaml / *.yml."""
+    """The rule files named: files as given, directories searched for *.yaml / *.yml.
+
+    In a directory, ``*_test.yaml`` files are rule tests (``qmp-reactor test``), not rules.
+    """
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.suffix in (".yaml", ".yml")))
+            found.extend(
+                sorted(
+                    p
+                    for p in path.rglob("*")
+                    if p.suffix in (".yaml", ".yml") and not p.stem.endswith("_test")
+                )
+            )
         else:
             found.append(path)
     return found

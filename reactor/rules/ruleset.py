@@ -36,7 +36,7 @@ class RuleSet:
         found = self._cache.get(event)
         if found is None:
             found = tuple(
-                r for r in self.rules if r.enabled and any(_covers(p, event) for p in r.events)
+                r for r in self.rules if r.enabled and any(covers(p, event) for p in r.events)
             )
             if len(self._cache) >= _CACHE_LIMIT:  # event names come from peers: stay bounded
                 self._cache.clear()
@@ -44,7 +44,8 @@ class RuleSet:
         return found
 
 
-def _covers(pattern: str, event: str) -> bool:
+def covers(pattern: str, event: str) -> bool:
+    """Whether an ``on:`` item (a name or a glob) covers the event name ``event``."""
     if _GLOB_CHARS.isdisjoint(pattern):
         return pattern == event
     return fnmatch.fnmatchcase(event, pattern)

@@ -1,0 +1,153 @@
+"""Correlation in time: a rule's ``absent:`` and ``followed_by:``.
+
+A correlated rule's ``on``/``when`` select *first* events; its correlation's
+``on``/``when`` select *followers*. A first opens a pending state for its key
+(at most one per key: a first that comes while one is pending is ignored) with
+a deadline at its time + ``within``. Every event is offered as a follower to
+the pending firsts before it is offered as a first (the engine does both, in
+that order). Then:
+
+* ``absent``: a follower cancels the pending first silently; at the deadline
+  with no follower the rule fires with the first event, at the deadline's time.
+* ``followed_by``: a follower fires the rule at its own time with the follower's
+  envelope, which carries the first's as ``first``; the pending first is
+  cleared. At the deadline with no follower nothing happens.
+
+Deadlines are clock timers, so a deadline due at the same time as an event runs
+before it (the clock's rule) and a replay's end of input runs every deadline.
+What fires goes to ``out``: the rule's throttle if it has one, else a firing.
+The number of pending firsts per rule is bounded (``PENDING_LIMIT``): keys may
+come from guest data, and a first past the bound is ignored and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from reactor.clock import Clock, TimerHandle
+from reactor.engine.gates import _keyfunc
+from reactor.model import Correlation, Envelope, Rule
+
+PENDING_LIMIT = 65536
+"""Pending firsts one rule keeps at most; later firsts are ignored until some end."""
+
+Explain = Callable[[Envelope, Rule | None, str], None]
+
+
+class _Pending:
+    __slots__ = ("env", "since", "timer")
+
+    def __init__(self, env: Envelope, since: float, timer: TimerHandle) -> None:
+        self.env = env
+        self.since = since
+        self.timer = timer
+
+
+class Correlator:
+    """One correlated rule's pending firsts, their deadlines, and what followers do to them."""
+
+    __slots__ = (
+        "_clock",
+        "_corr",
+        "_explain",
+        "_follows",
+        "_key",
+        "_out",
+        "_pending",
+        "_rule",
+        "overflow",
+    )
+
+    def __init__(
+        self,
+        rule: Rule,
+        clock: Clock,
+        out: Callable[[Envelope], object],
+        explain: Explain | None = None,
+    ) -> None:
+        assert rule.correlation is not None
+        self._rule = rule
+        self._corr: Correlation = rule.correlation
+        self._clock = clock
+        self._out = out
+        self._explain = explain
+        self._key = _keyfunc(self._corr.key)
+        self._follows = self._corr.condition
+        self._pending: dict[Hashable, _Pending] = {}
+        self.overflow = 0
+        """Firsts ignored because ``PENDING_LIMIT`` firsts were pending."""
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    @property
+    def events(self) -> tuple[str, ...]:
+        """The follower event names and globs."""
+        return self._corr.events
+
+    def follow(self, env: Envelope) -> None:
+        """Offer an event of one of the follower types; it counts if its conditions hold."""
+        if not self._pending:
+            return
+        key = self._key(env)
+        pending = self._pending.get(key)
+        if pending is None:
+            return
+        if self._follows is not None and not self._follows(env):
+            if self._explain is not None and self._corr.explain is not None:
+                why = self._corr.explain(env)
+                self._say(env, f"not a follower of the first at {_t(pending.since)}: {why}")
+            return
+        del self._pending[key]
+        pending.timer.cancel()
+        if self._corr.kind == "absent":
+            self._say(env, f"follower: cancels the first at {_t(pending.since)} (absent)")
+            return
+        self._say(env, f"follower of the first at {_t(pending.since)}: fires")
+        self._out({**env, "first": pending.env})
+
+    def first(self, env: Envelope) -> str | None:
+        """Offer a matched first event; None if it became pending, else why not."""
+        key = self._key(env)
+        pending = self._pending.get(key)
+        if pending is not None:
+            return f"ignored as a first: one of this key is pending since {_t(pending.since)}"
+        if len(self._pending) >= PENDING_LIMIT:
+            self.overflow += 1
+            return f"ignored as a first: {PENDING_LIMIT} firsts are pending"
+        now = self._clock.now()
+        until = now + self._corr.within
+        timer = self._clock.call_at(until, lambda: self._deadline(key))
+        self._pending[key] = _Pending(env, now, timer)
+        return f"pending since {_t(now)}: waiting until {_t(until)} for {self._followers()}"
+
+    def push(self, env: Envelope) -> None:
+        """``first`` for the compiled routes, which ignore the reason."""
+        self.first(env)
+
+    def _deadline(self, key: Hashable) -> None:
+        pending = self._pending.pop(key, None)
+        if pending is None:
+            return
+        if self._corr.kind == "followed_by":
+            self._say(pending.env, f"no follower within {self._corr.within:g}s: nothing fires")
+            return
+        self._say(pending.env, f"no follower within {self._corr.within:g}s: fires")
+        self._out(pending.env)
+
+    def _followers(self) -> str:
+        names = " or ".join(self._corr.events)
+        return names + (" (with its conditions)" if self._follows is not None else "")
+
+    def _say(self, env: Envelope, message: str) -> None:
+        if self._explain is not None:
+            self._explain(env, self._rule, message)
+
+    def pending(self) -> list[dict[str, Any]]:
+        """The pending firsts: their envelope and when they started (for tests and state)."""
+        return [{"env": p.env, "since": p.since} for p in self._pending.values()]
+
+
+def _t(moment: float) -> str:
+    return f"{moment:.6f}"
