@@ -21,8 +21,9 @@ import pytest
 from reactor.engine.replay import ReplayInput, replay
 from reactor.plugins.manager import load_plugins
 from reactor.rules.catalog import load_catalog, parse_release, qemu_version_of
-from reactor.rules.compiler import require_rules
+from reactor.rules.compiler import Compiler, require_rules
 from reactor.rules.ruleset import RuleSet
+from reactor.rules.yamlload import load_text
 
 REPO = Path(__file__).resolve().parents[1]
 RAW = json.loads((REPO / "reactor" / "data" / "qmp-events.json").read_text())
@@ -180,3 +181,131 @@ def test_replay_cli_qemu_flag_and_explain(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert "'latest' is not a QEMU version" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# --- check: events and fields against the releases a site runs ---------------------------
+
+CHECKED = """\
+rules:
+  - name: unplug
+    on: MEM_UNPLUG_ERROR
+    when: {path: $.data.device, equals: dimm0}
+    actions: [{type: log}]
+  - name: pv
+    on: [GUEST_PVSHUTDOWN, SHUTDOWN]
+    actions: [{type: log}]
+  - name: quorum
+    on: QUORUM_REPORT_BAD
+    when: {path: $.data.type, equals: read}
+    actions: [{type: log}]
+"""
+
+
+def _check(tmp_path: Path, *args: str, rules: str = CHECKED) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "rules.yaml"
+    path.write_text(rules)
+    return cli("check", str(path), *args)
+
+
+def test_check_without_versions_accepts_removed_events_with_a_warning(tmp_path: Path) -> None:
+    run = _check(tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.splitlines() == [
+        f"{tmp_path / 'rules.yaml'}:3:9: warning: MEM_UNPLUG_ERROR is not sent by current QEMU: "
+        "only QEMU 2.4 - 9.0 sent it (removed in 9.1); its replacement is "
+        "DEVICE_UNPLUG_GUEST_ERROR (6.2)"
+    ]
+    assert "did you mean" not in run.stderr
+
+
+def test_check_qemu_errors_for_events_no_release_sends(tmp_path: Path) -> None:
+    where = tmp_path / "rules.yaml"
+    run = _check(tmp_path, "--qemu", "7.2")
+    assert run.returncode == 1
+    assert (
+        f"{where}:7:10: error: GUEST_PVSHUTDOWN is not sent by QEMU 7.2: it appeared in QEMU 9.1"
+        in (run.stderr)
+    )
+    assert "MEM_UNPLUG_ERROR" not in run.stderr  # 7.2 sends it
+    run = _check(tmp_path, "--qemu", "9.2", "--qemu", "10.0")
+    assert run.returncode == 1
+    assert (
+        f"{where}:3:9: error: MEM_UNPLUG_ERROR is not sent by QEMU 9.2, 10.0: only QEMU 2.4 - 9.0 "
+        "sent it (removed in 9.1); its replacement is DEVICE_UNPLUG_GUEST_ERROR (6.2)"
+    ) in run.stderr
+    assert "GUEST_PVSHUTDOWN" not in run.stderr
+
+
+def test_check_qemu_warns_for_some_releases_and_late_fields(tmp_path: Path) -> None:
+    where = tmp_path / "rules.yaml"
+    run = _check(tmp_path, "--qemu", "2.5", "--qemu", "9.2.0")
+    assert run.returncode == 0, run.stderr
+    assert sorted(run.stderr.splitlines()) == [
+        f"{where}:11:18: warning: QUORUM_REPORT_BAD's 'type' since 2.6: not sent by QEMU 2.5",
+        f"{where}:3:9: warning: MEM_UNPLUG_ERROR is not sent by QEMU 9.2.0: only QEMU 2.4 - 9.0 "
+        "sent it (removed in 9.1); its replacement is DEVICE_UNPLUG_GUEST_ERROR (6.2)",
+        f"{where}:7:10: warning: GUEST_PVSHUTDOWN is not sent by QEMU 2.5: it appeared in QEMU 9.1",
+    ]
+    assert _check(tmp_path, "--qemu", "2.5", "--qemu", "9.2", "--strict").returncode == 1
+
+
+def test_check_config_qemu_versions(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(CHECKED)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"rules: [{rules}]\nqemu_versions: ['7.2']\n")
+    run = cli("check", "--config", str(config))
+    assert run.returncode == 1
+    assert "GUEST_PVSHUTDOWN is not sent by QEMU 7.2" in run.stderr
+    # --qemu replaces the configured releases.
+    assert cli("check", "--config", str(config), "--qemu", "9.0", "--qemu", "9.1").returncode == 0
+    config.write_text(f"rules: [{rules}]\nqemu_versions: ['7.2', 'next']\n")
+    bad = cli("check", "--config", str(config))
+    assert bad.returncode == 1
+    assert f"{config}:2:16: error: 'qemu_versions': 'next' is not a QEMU version" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "event,path,message",
+    [
+        (
+            "ACPI_DEVICE_OST",
+            "$.data.slot-type",
+            "'slot-type' is not a top-level field of ACPI_DEVICE_OST: QEMU sends it under "
+            "'info', as $.data.info.slot-type (QEMU's old text documentation showed device, "
+            "slot, slot-type, source and status at the top of data)",
+        ),
+        (
+            "GUEST_PANICKED",
+            "$.data.arg1",
+            "'arg1' is not a top-level field of GUEST_PANICKED: QEMU sends it under 'info', "
+            "as $.data.info.arg1",
+        ),
+        (
+            "QUORUM_REPORT_BAD",
+            "$.data.ret",
+            "'ret' is not a field of QUORUM_REPORT_BAD: QEMU replaced it with 'error' before "
+            "any release sent it",
+        ),
+        (
+            "QUORUM_FAILURE",
+            "$.data.sector-count",
+            "'sector-count' is not a field of QUORUM_FAILURE: QEMU's old documentation said "
+            "'sector-count', but every released QEMU sends 'sectors-count'",
+        ),
+    ],
+)
+def test_documented_but_not_on_the_wire(event: str, path: str, message: str) -> None:
+    rules = f"rules:\n  - name: r\n    on: {event}\n    when: {{path: {path}, exists: true}}\n"
+    rules += "    actions: [{type: log}]\n"
+    compiler = Compiler()
+    doc = load_text(rules, "r.yaml")
+    compiler.compile_rule(doc["rules"][0], doc["rules"].loc(0))
+    assert [str(d) for d in compiler.diagnostics] == [f"r.yaml:4:18: error: {message}"]
+    nested = path.replace("$.data.", "$.data.info.")
+    if "info" in message:  # and the path the message gives is accepted
+        fixed = Compiler()
+        doc = load_text(rules.replace(path, nested), "r.yaml")
+        assert fixed.compile_rule(doc["rules"][0], doc["rules"].loc(0)) is not None
+        assert fixed.diagnostics == []
