@@ -115,6 +115,10 @@ class Rule:
     correlation: Correlation | None = None
     mode: RuleMode = "queued"
     enabled: bool = True
+    event_locations: tuple[Location, ...] = ()
+    """Where each of ``events`` is written, for diagnostics about QEMU releases."""
+    fields: tuple[tuple[str, Location], ...] = ()
+    """The ``$.data.X`` fields the rule reads and where, for diagnostics about QEMU releases."""
 
 
 @dataclass(slots=True)

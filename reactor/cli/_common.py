@@ -50,6 +50,15 @@ def load_action_types(
     return plugins.action_types(), plugins
 
 
+def qemu_version_arg(text: str) -> str:
+    """``--qemu VERSION``: a QEMU version such as 7.2 or 7.2.0 (argparse says what is wrong)."""
+    from reactor.rules.catalog import parse_release
+
+    if parse_release(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a QEMU version (e.g. 7.2 or 7.2.0)")
+    return text.strip()
+
+
 def default_settings() -> ActionSettings:
     """Action settings when no configuration file is given."""
     return ActionSettings()

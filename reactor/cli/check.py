@@ -11,6 +11,7 @@ from reactor.cli._common import (
     default_settings,
     load_action_types,
     print_diagnostics,
+    qemu_version_arg,
     rule_paths,
 )
 from reactor.rules.compiler import load_rules
@@ -32,6 +33,14 @@ def register(sub: Any) -> None:
         help="configuration file: validated, its action settings apply, its rules and "
         "plugin directories are the defaults",
     )
+    p.add_argument(
+        "--qemu",
+        action="append",
+        type=qemu_version_arg,
+        metavar="VERSION",
+        help="judge events and fields against this QEMU release (repeatable; default: the "
+        "configuration's qemu_versions)",
+    )
     add_plugin_args(p)
     p.set_defaults(func=run)
 
@@ -50,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
     )
     action_types, _ = load_action_types(args)
     settings = cfg.actions.settings() if cfg is not None else default_settings()
-    ruleset, diags = load_rules(paths, action_types=action_types, settings=settings)
+    versions = args.qemu or (cfg.qemu_versions if cfg is not None else [])
+    ruleset, diags = load_rules(
+        paths, action_types=action_types, settings=settings, qemu_versions=versions
+    )
     errors = print_diagnostics([*warnings, *diags], strict=args.strict)
     if errors:
         return 1

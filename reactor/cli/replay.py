@@ -11,6 +11,7 @@ from reactor.cli._common import (
     default_settings,
     load_action_types,
     print_diagnostics,
+    qemu_version_arg,
     rule_paths,
 )
 from reactor.engine.replay import DryRunWriter, open_inputs, replay
@@ -35,6 +36,13 @@ def register(sub: Any) -> None:
         "--no-qemu-stage",
         action="store_true",
         help="do not apply QEMU's rate limits before matching",
+    )
+    p.add_argument(
+        "--qemu",
+        metavar="VERSION",
+        type=qemu_version_arg,
+        help="apply the rate limits of this QEMU release to every VM "
+        "(default: each VM's REACTOR_CONNECTED in the input, else the newest release)",
     )
     add_plugin_args(p)
     p.set_defaults(func=run)
@@ -72,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         ruleset,
         sink=DryRunWriter(sys.stdout),
         qemu_stage=not args.no_qemu_stage,
+        qemu_version=args.qemu,
         explain=_explainer if args.explain else None,
         observe=_explain_event if args.explain else None,
         collect=False,

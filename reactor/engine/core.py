@@ -1,10 +1,11 @@
 """The engine: envelopes in, firings out, on whatever clock it is given.
 
-Per envelope: QEMU's rate-limit stage (for event types QEMU throttles, per VM),
-then observers, then the rules indexed by event name, their conditions, and
-their threshold/throttle gates. A rule that fires becomes a ``Firing`` handed to
-the sink (the dispatcher live, a printer in a dry-run replay). No I/O happens
-here; the same code runs on the live clock and on replay's virtual clock.
+Per envelope: QEMU's rate-limit stage (for event types QEMU throttles, per VM,
+as the VM's QEMU release throttles them: its REACTOR_CONNECTED says which), then
+observers, then the rules indexed by event name, their conditions, and their
+threshold/throttle gates. A rule that fires becomes a ``Firing`` handed to the
+sink (the dispatcher live, a printer in a dry-run replay). No I/O happens here;
+the same code runs on the live clock and on replay's virtual clock.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Engine:
         sink: Sink,
         *,
         qemu_stage: bool = True,
+        qemu_version: str | None = None,
         observe: Callable[[Envelope], None] | None = None,
         explain: Explain | None = None,
     ) -> None:
@@ -42,7 +44,12 @@ class Engine:
         self.sink = sink
         self.observe = observe
         self.explain = explain
-        self.stage = QemuStage(clock, self._match) if qemu_stage else None
+        self.stage = (
+            QemuStage(clock, self._match, release=qemu_version, pinned=qemu_version is not None)
+            if qemu_stage
+            else None
+        )
+        self._told: set[str] = set()  # VMs whose stage table --explain has said
         self.events_in = 0
         self.rules = rules
         self._gates: dict[str, RuleGate] = {}
@@ -119,10 +126,41 @@ class Engine:
             way = _admitted(stage.admit, self._route(event))
         else:
             way = self._route(event)
+        if stage is not None and event == "REACTOR_CONNECTED":
+            way = self._connected(stage, way)
+        elif stage is not None and self.explain is not None:
+            way = self._telling(stage, way)
         if len(self._ways) >= _ROUTE_LIMIT:
             self._ways.clear()
         self._ways[event] = way
         return way
+
+    def _connected(self, stage: QemuStage, way: Route) -> Route:
+        """``way`` for REACTOR_CONNECTED: the stage follows the VM's QEMU version first."""
+        explain = self.explain
+
+        def connected(env: Envelope) -> None:
+            told = stage.connected(env)
+            if explain is not None:
+                self._told.add(env["vm"])
+                explain(env, None, told)
+            way(env)
+
+        return connected
+
+    def _telling(self, stage: QemuStage, way: Route) -> Route:
+        """``way`` that first says (``--explain``) which table a VM seen the first time uses."""
+        explain, told = self.explain, self._told
+        assert explain is not None
+
+        def telling(env: Envelope) -> None:
+            vm = env["vm"]
+            if vm not in told:
+                told.add(vm)
+                explain(env, None, stage.describe(vm))
+            way(env)
+
+        return telling
 
     def _staged(self, env: Envelope) -> None:
         assert self.stage is not None

@@ -8,7 +8,8 @@ their set, by ``len()``, or by the set's one clock timer, so nothing is left
 once all windows ended and a clock has been drained.
 
 - ``QemuStage``: QEMU's own per-VM rate limit (monitor/monitor.c) for the event
-  types QEMU throttles, keyed as QEMU keys them (the catalog's throttle keys).
+  types QEMU throttles, keyed as QEMU keys them: each VM by the throttle table
+  of its own QEMU release (the catalog's ``throttled_events_by_release``).
 - ``RuleGate``: one rule's threshold, then its throttle (``once_within``,
   ``once_after`` or ``qemu``), turning matched events into ``Firing`` objects.
 
@@ -28,7 +29,7 @@ from typing import Any
 from reactor.clock import Clock
 from reactor.engine.windowsets import OnceAfter, OnceWithin, QemuWindows, Threshold, Throttle
 from reactor.model import CompiledPath, Envelope, Firing, Rule
-from reactor.rules.catalog import load_catalog
+from reactor.rules.catalog import load_catalog, qemu_version_of
 
 QEMU_RATE = 1.0
 """Seconds between two events of one QEMU throttle key (monitor.c: 1e9 ns, every type)."""
@@ -57,6 +58,11 @@ def _keyfunc(paths: Sequence[CompiledPath]) -> _KeyFunc:
     return lambda env: tuple([_freeze(f(env)) for f in finds])
 
 
+def _fields(table: Mapping[str, str | None]) -> dict[str, str]:
+    """A throttle table with "" for "one state per type": one dict lookup on the hot path."""
+    return {name: field or "" for name, field in table.items()}
+
+
 _THROTTLES: dict[str, type[Throttle]] = {
     "once_within": OnceWithin,
     "once_after": OnceAfter,
@@ -71,10 +77,16 @@ class QemuStage:
     events in the window replace the held one; at the window's end the held event
     (its envelope untouched) goes out and a new window opens, or the state is
     forgotten. A key is (vm, event type, ``data[field]`` or None), the field per
-    type from ``keys`` (default: the catalog's throttle keys).
+    type from the VM's table.
+
+    Each VM follows its own QEMU release: ``connected`` (a REACTOR_CONNECTED
+    event, which reports QEMU's version) picks that release's throttle table from
+    the catalog. Until then a VM uses ``release`` (default: the catalog's newest);
+    with ``pinned`` every VM uses it whatever REACTOR_CONNECTED says (``replay
+    --qemu``). ``keys`` replaces the catalog: one fixed table for every VM.
     """
 
-    __slots__ = ("_emit", "_fields", "_windows")
+    __slots__ = ("_default", "_emit", "_fields", "_pinned", "_tables", "_vms", "_why", "_windows")
 
     def __init__(
         self,
@@ -83,12 +95,54 @@ class QemuStage:
         *,
         window: float = QEMU_RATE,
         keys: Mapping[str, str | None] | None = None,
+        release: str | None = None,
+        pinned: bool = False,
     ) -> None:
         self._emit = emit
-        table = load_catalog().throttle_keys() if keys is None else keys
-        # "" for "one state per type", so the hot path needs a single dict lookup.
-        self._fields: dict[str, str] = {name: field or "" for name, field in table.items()}
+        catalog = load_catalog()
+        releases = catalog.releases
+        self._tables: dict[str, dict[str, str]] = {}
+        if keys is None:
+            for name in releases.names:
+                self._tables[name] = _fields(catalog.throttle_keys(name))
+            self._default = releases.pick(release) if release is not None else releases.newest
+        else:
+            self._default = "custom"
+            self._tables[self._default] = _fields(keys)
+            pinned = True
+        self._pinned = pinned
+        self._fields = self._tables[self._default]
+        self._why = f"--qemu {release}" if pinned and release is not None else "no version known"
+        # Per VM: (its table, the release, why); VMs not here use the default.
+        self._vms: dict[str, tuple[dict[str, str], str, str]] = {}
         self._windows = QemuWindows(clock, window, self._out)
+
+    def connected(self, env: Envelope) -> str:
+        """A VM's REACTOR_CONNECTED: use its QEMU's table from now on; says which (--explain)."""
+        vm = env["vm"]
+        if not self._pinned:
+            data = env.get("data")
+            version = qemu_version_of(data) if isinstance(data, dict) else None
+            if version is not None:
+                release = load_catalog().releases.pick(version)
+                why = f"REACTOR_CONNECTED: QEMU {version}"
+                self._vms[vm] = (self._tables[release], release, why)
+            else:
+                self._vms.pop(vm, None)
+        return self.describe(vm)
+
+    def describe(self, vm: str) -> str:
+        """Which throttle table ``vm`` follows and why, as ``--explain`` says it."""
+        found = self._vms.get(vm)
+        release, why = (found[1], found[2]) if found is not None else (self._default, self._why)
+        if release == "custom":
+            return "QEMU stage: a custom throttle table"
+        return f"QEMU stage: QEMU {release}'s rate limits ({why})"
+
+    def release_of(self, vm: str) -> str:
+        """The catalog release whose throttle table ``vm`` follows."""
+        found = self._vms.get(vm)
+        return found[1] if found is not None else self._default
 
     def push(self, env: Envelope) -> bool:
         """True if ``env`` went to ``emit`` now; False if it is held (and may be replaced)."""
@@ -103,7 +157,8 @@ class QemuStage:
         ``push`` without the sending: what a held event later does still goes to ``emit``.
         """
         event = env["event"]
-        field = self._fields.get(event)
+        table = self._vms.get(env["vm"])
+        field = (self._fields if table is None else table[0]).get(event)
         if field is None:
             return True
         value = env["data"].get(field) if field else None
@@ -112,12 +167,13 @@ class QemuStage:
         return self._windows.offer((env["vm"], event, value), env) is None
 
     def throttles(self, event: str) -> bool:
-        """Whether events called ``event`` go through a window (else ``push`` emits at once)."""
-        return event in self._fields
+        """Whether some VM's table may throttle ``event`` (else ``push`` emits it at once)."""
+        return any(event in table for table in self._tables.values())
 
     def drop_vm(self, vm: str) -> None:
         """Forget every state of ``vm``: its timers are cancelled, its held events dropped."""
         self._windows.drop_vm(vm)
+        self._vms.pop(vm, None)
 
     def __len__(self) -> int:
         return len(self._windows)

@@ -178,11 +178,16 @@ def replay(
     *,
     sink: Callable[[Firing], None] | None = None,
     qemu_stage: bool = True,
+    qemu_version: str | None = None,
     explain: Explain | None = None,
     observe: Callable[[Envelope], None] | None = None,
     collect: bool = True,
 ) -> ReplayResult:
     """Run ``inputs`` through ``rules`` on a virtual clock; firings go to ``sink``.
+
+    The QEMU stage follows ``qemu_version`` for every VM when given; else each
+    VM's REACTOR_CONNECTED in the input (as ``tail --json`` records it); else
+    the catalog's newest release.
 
     With ``collect`` the result also keeps every firing; without it a replay's
     memory does not grow with its input (the firings only reach ``sink``).
@@ -194,6 +199,7 @@ def replay(
         clock,
         _firing_sink(result.firings, sink, collect),
         qemu_stage=qemu_stage,
+        qemu_version=qemu_version,
         explain=explain,
         observe=observe,
     )

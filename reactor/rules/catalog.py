@@ -4,6 +4,12 @@ QEMU's part ships as ``data/qmp-events.json``; the synthetic ``REACTOR_*``
 events the engine raises itself are declared here. ``check`` uses the catalog
 for "unknown event" and "unknown field" errors, and the QEMU rate-limit stage
 for each event's throttle key.
+
+The catalog knows every release (``Releases``): which events each one sends,
+which of them it throttles and by which key, and since when each field is sent.
+A QEMU version is judged by the newest catalog release not newer than it
+(``Releases.pick``): 7.2.22 by 7.2, a 9.1.50 development build by 9.1, a QEMU
+newer than the catalog by the newest release.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -60,6 +68,104 @@ SYNTHETIC_EVENTS: dict[str, dict[str, Any]] = {
 }
 
 
+def _member(type_name: str, doc: str) -> dict[str, Any]:
+    return {"type": type_name, "optional": False, "doc": doc}
+
+
+REMOVED_EVENT_FIELDS: dict[str, dict[str, dict[str, Any]]] = {
+    # The catalog keeps removed events' history but not their members; these are
+    # the members of QEMU's schema in the last release that sent each one.
+    "MEM_UNPLUG_ERROR": {"device": _member("str", "device name"), "msg": _member("str", "why")},
+    "RDMA_GID_STATUS_CHANGED": {
+        name: _member(kind, name.replace("-", " "))
+        for name, kind in (
+            ("netdev", "str"),
+            ("gid-status", "bool"),
+            ("subnet-prefix", "uint64"),
+            ("interface-id", "uint64"),
+        )
+    },
+    "COMMAND_DROPPED": {
+        "id": _member("any", "the dropped command's id"),
+        "reason": _member("CommandDropReason", "why it was dropped"),
+    },
+}
+
+Release = tuple[int, ...]
+
+_VERSION = re.compile(r"v?(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+def parse_release(text: str) -> Release | None:
+    """``7.2``, ``7.2.0`` or ``v7.2.22`` as a tuple of numbers; None if it is no version."""
+    found = _VERSION.fullmatch(text.strip())
+    if found is None:
+        return None
+    return tuple(int(part) for part in found.groups() if part is not None)
+
+
+def qemu_version_of(data: Mapping[str, Any]) -> str | None:
+    """The QEMU version a ``REACTOR_CONNECTED`` event's data reports, or None.
+
+    ``data.version.qemu`` (query-version's numbers) first, else the ``data.qemu``
+    text; anything malformed (a peer wrote it) counts as unknown.
+    """
+    version = data.get("version")
+    numbers = version.get("qemu") if isinstance(version, dict) else None
+    if isinstance(numbers, dict):
+        parts = [numbers.get(k) for k in ("major", "minor", "micro")]
+        if all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < 10**6 for p in parts):
+            return ".".join(str(p) for p in parts)
+    text = data.get("qemu")
+    if isinstance(text, str) and len(text) < 40 and parse_release(text) is not None:
+        return text.strip()
+    return None
+
+
+@dataclass(frozen=True)
+class Releases:
+    """QEMU's releases in the catalog, oldest first: what each one sends and throttles."""
+
+    names: tuple[str, ...]
+    sends: dict[str, frozenset[str]]
+    throttles: dict[str, dict[str, str | None]]
+
+    @property
+    def newest(self) -> str:
+        """The newest release the catalog knows."""
+        return self.names[-1]
+
+    def pick(self, version: str) -> str:
+        """The release whose tables a QEMU ``version`` follows (see the module docstring).
+
+        Older than the catalog: its oldest release. Not a version: the newest.
+        """
+        wanted = parse_release(version)
+        if wanted is None:
+            return self.newest
+        found = self.names[0]
+        for name in self.names:
+            if _release(name) <= wanted:
+                found = name
+        return found
+
+    def span(self, event: str) -> tuple[str, str] | None:
+        """The first and the last release that send ``event``, if any does."""
+        having = [name for name in self.names if event in self.sends.get(name, ())]
+        return (having[0], having[-1]) if having else None
+
+
+def _release(name: str) -> Release:
+    parsed = parse_release(name)
+    assert parsed is not None, name
+    return parsed
+
+
+def release_order(name: str) -> Release:
+    """A release or version as a tuple to sort or compare by (non-versions first)."""
+    return parse_release(name) or ()
+
+
 @dataclass(frozen=True, slots=True)
 class EventInfo:
     """One event: its data fields, and QEMU's rate-limit key if it has one."""
@@ -71,6 +177,8 @@ class EventInfo:
     rate_limited: bool = False
     throttle_key: str | None = None
     synthetic: bool = False
+    removed: Mapping[str, str] | None = None
+    """For an event QEMU no longer sends: ``present``, ``removed_in``, ``replacement``."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +187,8 @@ class Catalog:
 
     events: dict[str, EventInfo]
     renames: list[dict[str, str]] = field(default_factory=list)
+    releases: Releases = field(default_factory=lambda: Releases(("0.0",), {}, {"0.0": {}}))
+    types: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __contains__(self, name: object) -> bool:
         return name in self.events
@@ -96,14 +206,74 @@ class Catalog:
 
     def rename_for(self, event: str, field_name: str) -> str | None:
         """If ``field_name`` is an old or documented-only name of a field, the wire name."""
+        rename = self.rename_of(event, field_name)
+        return rename["new"] if rename is not None else None
+
+    def rename_of(self, event: str, field_name: str) -> dict[str, str] | None:
+        """The catalog's record of ``field_name`` as a name QEMU's docs or code once had."""
         for r in self.renames:
-            if r.get("event") == event and r.get("old") == field_name:
-                return r.get("new")
+            if r.get("event") != event or r.get("kind") not in _WIRE_KINDS:
+                continue
+            if _first_word(r.get("old")) == field_name:
+                return {**r, "new": _first_word(r.get("new")) or ""}
         return None
 
-    def throttle_keys(self) -> dict[str, str | None]:
-        """Events QEMU rate-limits, mapped to their ``data`` key (None: one per type)."""
-        return {n: e.throttle_key for n, e in self.events.items() if e.rate_limited}
+    def nested_in(self, event: str, field_name: str) -> str | None:
+        """The member of ``event``'s data whose structure holds ``field_name``, if one does.
+
+        QEMU's old text documentation showed some of these at the top of ``data``
+        (ACPI_DEVICE_OST's ``slot-type``); QEMU sends them one level down.
+        """
+        info = self.events.get(event)
+        for member, spec in (info.fields if info is not None else {}).items():
+            if field_name in self._members(str(spec.get("type")), set()):
+                return member
+        return None
+
+    def _members(self, type_name: str, seen: set[str]) -> set[str]:
+        """The member names of a struct or union type, with every union branch's."""
+        spec = self.types.get(type_name)
+        if spec is None or type_name in seen:
+            return set()
+        seen.add(type_name)
+        names = set(spec.get("members") or {})
+        for branch in (spec.get("branches") or {}).values():
+            names |= self._members(str(branch), seen)
+        return names
+
+    def throttle_keys(self, release: str | None = None) -> dict[str, str | None]:
+        """Events QEMU rate-limits, mapped to their ``data`` key (None: one per type).
+
+        ``release``: as that catalog release does (default: the newest).
+        """
+        if release is None:
+            return {n: e.throttle_key for n, e in self.events.items() if e.rate_limited}
+        return dict(self.releases.throttles[release])
+
+    def sends(self, event: str, release: str) -> bool:
+        """Whether QEMU ``release`` sends ``event`` (ours: always)."""
+        info = self.events.get(event)
+        if info is not None and info.synthetic:
+            return True
+        return event in self.releases.sends.get(release, ())
+
+    def field_since(self, event: str, field_name: str) -> str | None:
+        """The release ``event`` first sent ``field_name`` in, when the catalog records one."""
+        info = self.events.get(event)
+        spec = info.fields.get(field_name) if info is not None else None
+        since = spec.get("since") if spec is not None else None
+        return since if isinstance(since, str) else None
+
+
+_WIRE_KINDS = ("doc/wire name mismatch", "member replaced")
+"""Renames about the name on the wire (the others are type renames or added members)."""
+
+
+def _first_word(text: Any) -> str | None:
+    """``ret (int)`` -> ``ret``: the catalog's ``old``/``new`` texts start with the name."""
+    if not isinstance(text, str):
+        return None
+    return text.split(" ", 1)[0].strip() or None
 
 
 def _load_qemu() -> dict[str, Any]:
@@ -127,7 +297,26 @@ def load_catalog() -> Catalog:
             rate_limited=name in keys,
             throttle_key=keys.get(name),
         )
+    for name, removed in (raw.get("removed_events") or {}).items():
+        events[name] = EventInfo(
+            name=name,
+            fields=REMOVED_EVENT_FIELDS.get(name, {}),
+            doc=f"removed in QEMU {removed.get('removed_in')}",
+            removed={k: str(v) for k, v in removed.items()},
+        )
     for name, ev in SYNTHETIC_EVENTS.items():
         events[name] = EventInfo(name=name, fields=ev["data"], doc=ev["doc"], synthetic=True)
     renames = [r for r in raw.get("renames", []) if isinstance(r, dict)]
-    return Catalog(events=events, renames=renames)
+    return Catalog(
+        events=events, renames=renames, releases=_releases(raw), types=raw.get("types") or {}
+    )
+
+
+def _releases(raw: dict[str, Any]) -> Releases:
+    """Every release of ``events_by_release`` and ``throttled_events_by_release``."""
+    sends = {k: frozenset(v) for k, v in (raw.get("events_by_release") or {}).items()}
+    throttles = dict(raw.get("throttling", {}).get("throttled_events_by_release") or {})
+    names = sorted(set(sends) | set(throttles), key=_release)
+    for name in names:
+        throttles.setdefault(name, {})
+    return Releases(tuple(names), sends, throttles)

@@ -24,6 +24,7 @@ from reactor.rules.catalog import Catalog, load_catalog
 from reactor.rules.lint import unreachable_threshold
 from reactor.rules.options import PartsCompiler, RuleScope, did_you_mean
 from reactor.rules.ruleset import RuleSet
+from reactor.rules.versions import release_problems, targets
 from reactor.rules.yamlload import MarkedDict, MarkedList, load_file
 
 RULE_KEYS = (
@@ -54,10 +55,12 @@ class Compiler(PartsCompiler):
         catalog: Catalog | None = None,
         action_types: Mapping[str, ActionType] | None = None,
         settings: ActionSettings | None = None,
+        qemu_versions: Sequence[str] = (),
     ) -> None:
         super().__init__(catalog or load_catalog())
         self.action_types = action_types
         self.settings = settings or ActionSettings()
+        self.targets = targets(qemu_versions, self.catalog)
         self._names: dict[str, Location] = {}
 
     # -- files -----------------------------------------------------------
@@ -100,7 +103,8 @@ class Compiler(PartsCompiler):
         before = len([d for d in self.diagnostics if d.severity == "error"])
         self._unknown_keys(node, RULE_KEYS, "a rule")
         name = self._rule_name(node)
-        ctx = RuleScope(name or "?", self._events(node), [])
+        ctx = RuleScope(name or "?", [], [])
+        ctx.events = self._events(node, ctx.event_locations)
         cond = None
         if "when" in node:
             cond = self.condition(node["when"], node.loc("when"), ctx)
@@ -121,7 +125,7 @@ class Compiler(PartsCompiler):
         errors = len([d for d in self.diagnostics if d.severity == "error"])
         if errors > before or name is None:
             return None
-        return Rule(
+        rule = Rule(
             name=name,
             events=tuple(ctx.events),
             actions=tuple(actions),
@@ -135,7 +139,12 @@ class Compiler(PartsCompiler):
             correlation=correlation,
             mode=mode,
             enabled=enabled,
+            event_locations=tuple(ctx.event_locations),
+            fields=tuple(ctx.fields),
         )
+        problems = release_problems(rule, self.targets, self.catalog)
+        self.diagnostics.extend(problems)
+        return None if any(d.severity == "error" for d in problems) else rule
 
     def _rule_name(self, node: MarkedDict) -> str | None:
         name = node.get("name")
@@ -169,7 +178,8 @@ class Compiler(PartsCompiler):
             self.error(node.loc(kind), f"'{kind}:' is a mapping: {{on, when, within, key}}")
             return None
         self._unknown_keys(spec, CORRELATION_KEYS, kind)
-        scope = RuleScope(f"{kind} of {node.get('name')}", self._events(spec, kind), [])
+        scope = RuleScope(f"{kind} of {node.get('name')}", [], [])
+        scope.events = self._events(spec, scope.event_locations, kind)
         cond = self.condition(spec["when"], spec.loc("when"), scope) if "when" in spec else None
         key = self._keys(spec, scope)
         self._check_fields(scope)
@@ -188,7 +198,9 @@ class Compiler(PartsCompiler):
             explain=partial(C.explain, cond) if cond is not None else None,
         )
 
-    def _events(self, node: MarkedDict, what: str = "a rule") -> list[str]:
+    def _events(
+        self, node: MarkedDict, locations: list[Location], what: str = "a rule"
+    ) -> list[str]:
         if "on" not in node:
             self.error(node.location, f"{what} needs 'on:' (an event name, a list or a glob)")
             return []
@@ -214,6 +226,7 @@ class Compiler(PartsCompiler):
                 self.error(where, f"unknown event '{value}'{more}")
                 continue
             events.append(value)
+            locations.append(where)
         return events
 
     # -- actions ---------------------------------------------------------
@@ -302,9 +315,15 @@ def load_rules(
     action_types: Mapping[str, ActionType] | None = None,
     settings: ActionSettings | None = None,
     catalog: Catalog | None = None,
+    qemu_versions: Sequence[str] = (),
 ) -> tuple[RuleSet, list[Diagnostic]]:
-    """Compile every rule file under ``paths``; returns the rules and all diagnostics."""
-    compiler = Compiler(catalog=catalog, action_types=action_types, settings=settings)
+    """Compile every rule file under ``paths``; returns the rules and all diagnostics.
+
+    ``qemu_versions``: the QEMU releases the rules must work with (``check --qemu``).
+    """
+    compiler = Compiler(
+        catalog=catalog, action_types=action_types, settings=settings, qemu_versions=qemu_versions
+    )
     rules: list[Rule] = []
     files = rule_files(paths)
     for path in files:

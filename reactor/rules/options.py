@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from reactor.durations import parse_duration
@@ -34,6 +34,10 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {found[0]}?)" if found else ""
 
 
+_FLAT_IN_OLD_DOCS = {"ACPI_DEVICE_OST": "device, slot, slot-type, source and status"}
+"""Events whose members docs/qmp/qmp-events.txt (QEMU < 2.5) drew one level too high."""
+
+
 @dataclass
 class RuleScope:
     """Per-rule state while compiling: its events and the data fields it reads."""
@@ -41,6 +45,7 @@ class RuleScope:
     name: str
     events: list[str]
     fields: list[tuple[str, Location]]
+    event_locations: list[Location] = field(default_factory=list)
 
 
 class PartsCompiler:
@@ -156,9 +161,9 @@ class PartsCompiler:
         except PathSyntaxError as err:
             self.error(loc, str(err))
             return None
-        field = data_field(text)
-        if ctx is not None and field is not None:
-            ctx.fields.append((field, loc))
+        name = data_field(text)
+        if ctx is not None and name is not None:
+            ctx.fields.append((name, loc))
         return compiled
 
     def _check_fields(self, ctx: RuleScope) -> None:
@@ -172,22 +177,42 @@ class PartsCompiler:
         known: set[str] = set()
         for n in names:
             known.update(self.catalog.events[n].fields)
-        for field, loc in ctx.fields:
-            if field in known:
+        for name, loc in ctx.fields:
+            if name in known:
                 continue
-            self.error(loc, self._field_message(field, sorted(names), known))
+            self.error(loc, self._field_message(name, sorted(names), known))
 
-    def _field_message(self, field: str, events: list[str], known: set[str]) -> str:
+    def _field_message(self, name: str, events: list[str], known: set[str]) -> str:
         shown = ", ".join(events[:4]) + (", ..." if len(events) > 4 else "")
         for ev in events:
-            wire = self.catalog.rename_for(ev, field)
+            wire = self._wire_name(ev, name)
             if wire:
-                return (
-                    f"'{field}' is not a field of {ev}: QEMU's old documentation said "
-                    f"'{field}', but every released QEMU sends '{wire}'"
-                )
-        hint = did_you_mean(field, known)
-        return f"no event of this rule ({shown}) has the data field '{field}'{hint}"
+                return wire
+        hint = did_you_mean(name, known)
+        return f"no event of this rule ({shown}) has the data field '{name}'{hint}"
+
+    def _wire_name(self, event: str, name: str) -> str | None:
+        """Where QEMU's documentation or history and its wire format differ: what QEMU sends."""
+        rename = self.catalog.rename_of(event, name)
+        if rename is not None and rename.get("kind") == "member replaced":
+            return (
+                f"'{name}' is not a field of {event}: QEMU replaced it with "
+                f"'{rename['new']}' before any release sent it"
+            )
+        if rename is not None:
+            return (
+                f"'{name}' is not a field of {event}: QEMU's old documentation said "
+                f"'{name}', but every released QEMU sends '{rename['new']}'"
+            )
+        member = self.catalog.nested_in(event, name)
+        if member is None:
+            return None
+        doc = _FLAT_IN_OLD_DOCS.get(event)
+        said = f" (QEMU's old text documentation showed {doc} at the top of data)" if doc else ""
+        return (
+            f"'{name}' is not a top-level field of {event}: QEMU sends it under "
+            f"'{member}', as $.data.{member}.{name}{said}"
+        )
 
     # -- options ---------------------------------------------------------
     def _retry(self, node: Any, loc: Location) -> RetryPolicy | None:

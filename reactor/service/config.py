@@ -16,6 +16,7 @@ from reactor.durations import parse_duration
 from reactor.errors import ConfigError, Diagnostic, Location, RuleError
 from reactor.model import RetryPolicy
 from reactor.plugins.api import ActionSettings
+from reactor.rules.catalog import parse_release
 from reactor.rules.yamlload import MarkedDict, MarkedList, load_file, plain
 
 
@@ -122,6 +123,8 @@ class Config(_Strict):
     listen: str | None = None
     vms: list[VmConfig] = Field(default_factory=list)
     qemu_stage: bool = True
+    qemu_versions: list[str] = Field(default_factory=list)
+    """The QEMU releases the site runs: ``check --config`` judges the rules against them."""
     greeting_timeout: float = 5.0
     reconnect_max: float = 2.0
     shutdown_grace: float = 10.0
@@ -133,6 +136,14 @@ class Config(_Strict):
     _durations = field_validator(
         "greeting_timeout", "reconnect_max", "shutdown_grace", mode="before"
     )(_seconds)
+
+    @field_validator("qemu_versions")
+    @classmethod
+    def _versions(cls, value: list[str]) -> list[str]:
+        for text in value:
+            if parse_release(text) is None:
+                raise ValueError(f"{text!r} is not a QEMU version (e.g. 7.2 or 7.2.0)")
+        return value
 
     def vm_names(self) -> dict[str, str]:
         """Address → name for the VMs the file names."""

@@ -70,6 +70,7 @@ def execute_replay(
         rules,
         sink=DryRunWriter(sys.stdout),
         qemu_stage=not args.no_qemu_stage,
+        qemu_version=getattr(args, "qemu", None),
     )
     sys.stdout.flush()
     for problem in result.problems:

@@ -38,7 +38,9 @@ from reactor.params.templates import (
 )
 from reactor.plugins.api import ActionSettings, ActionType, VmControl
 from reactor.plugins.hookspecs import ActionOutcome
+from reactor.rules.catalog import load_catalog, qemu_version_of
 from reactor.rules.ruleset import RuleSet
+from reactor.rules.versions import release_problems, targets
 from reactor.service.config import Config
 from reactor.sources.vm import hostname, qemu_timestamp
 
@@ -199,10 +201,28 @@ class Reactor:
             rules, clock, self.dispatcher.submit, qemu_stage=config.qemu_stage, observe=observe
         )
         self._seq = 0
+        self._warned: set[tuple[str, str]] = set()  # (VM, QEMU version) already judged
 
     def feed(self, env: Envelope) -> None:
         """One envelope into the engine."""
+        if env["event"] == "REACTOR_CONNECTED":
+            self._connected(env)
         self.engine.feed(env)
+
+    def _connected(self, env: Envelope) -> None:
+        """Warn, once per VM and QEMU version, about rules naming what that QEMU cannot send."""
+        data = env.get("data")
+        version = qemu_version_of(data) if isinstance(data, dict) else None
+        if version is None or (env["vm"], version) in self._warned:
+            return
+        self._warned.add((env["vm"], version))
+        catalog = load_catalog()
+        wanted = targets([version], catalog)
+        log.info("%s: QEMU %s: following QEMU %s's rate limits", env["vm"], version,
+                 wanted[0].release)  # fmt: skip
+        for rule in self.engine.rules.rules:
+            for problem in release_problems(rule, wanted, catalog, severity="warning"):
+                log.warning("%s: %s", env["vm"], problem)
 
     def backpressure(self) -> asyncio.Event | None:
         """None while there is room; else an Event that readers of events wait for first."""
@@ -216,6 +236,7 @@ class Reactor:
     def swap_rules(self, rules: RuleSet) -> None:
         """Use a new, fully validated rule set."""
         self.engine.swap_rules(rules)
+        self._warned.clear()  # the new rules are judged at each VM's next connect
 
     async def start(self) -> None:
         """Start the dispatcher, resuming what the journal left unfinished."""
