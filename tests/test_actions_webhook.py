@@ -19,17 +19,18 @@ from typing import Any
 import pytest
 
 from reactor import __version__
-from reactor.actions.prepare import prepare_action
 from reactor.actions.webhook import (
-    WEBHOOK,
+    HttpClients,
+    Plugin,
     WebhookParams,
-    aclose_shared_clients,
+    check_webhook,
     retry_after,
     run_webhook,
 )
 from reactor.errors import PermanentActionError, TransientActionError
 from reactor.params.secrets import Redactor, SecretResolver
 from reactor.plugins.api import ActionContext, ActionSettings, CheckContext
+from tests.support.dispatched import Ran, dispatch_once
 
 ENVELOPE = {
     "event": "GUEST_PANICKED",
@@ -124,12 +125,26 @@ def hmac_sha256(key: bytes, message: bytes) -> str:
 
 def attempt(params: WebhookParams, n: int) -> Any:
     async def go() -> Any:
+        clients = HttpClients()
         try:
-            return await run_webhook(params, make_ctx(n))
+            return await run_webhook(params, make_ctx(n), clients)
         finally:
-            await aclose_shared_clients()
+            await clients.aclose()
 
     return asyncio.run(go())
+
+
+def dispatch(params: dict[str, Any], resolver: SecretResolver | None = None) -> Ran:
+    """Run as the daemon does: a real dispatcher renders ``params``, the plugin's webhook runs."""
+    plugin = Plugin()
+    return dispatch_once(
+        plugin.action_type,
+        params,
+        ENVELOPE,
+        rule="panic-hook",
+        resolver=resolver,
+        closing=plugin.reactor_shutdown,
+    )
 
 
 def test_retries_on_503_and_429_with_same_key_and_valid_signatures(
@@ -201,20 +216,9 @@ def test_rendered_mapping_body_is_json_and_string_body_is_sent_as_is(
     server: tuple[str, Script],
 ) -> None:
     url, script = server
-    mapping = prepare_action(
-        WEBHOOK,
-        {"url": url, "body": {"text": "{{ vm }}: {{ event }}", "n": 2}, "method": "PUT"},
-    )
-    raw = prepare_action(WEBHOOK, {"url": url, "body": '{"vm": "{{ vm }}"} '})
-
-    async def go() -> None:
-        try:
-            await mapping.run(make_ctx())
-            await raw.run(make_ctx())
-        finally:
-            await aclose_shared_clients()
-
-    asyncio.run(go())
+    mapping = {"url": url, "body": {"text": "{{ vm }}: {{ event }}", "n": 2}, "method": "PUT"}
+    assert dispatch(mapping).value() == {"status": 200}
+    assert dispatch({"url": url, "body": '{"vm": "{{ vm }}"} '}).value() == {"status": 200}
     assert script.seen[0].method == "PUT"
     assert json.loads(script.seen[0].body) == {"text": "web1: GUEST_PANICKED", "n": 2}
     assert script.seen[1].body == b'{"vm": "web1"} '
@@ -225,24 +229,17 @@ def test_secret_from_environment_signs_and_is_redacted(server: tuple[str, Script
     script.responses[:] = [(400, {}, 0.0)]
     redactor = Redactor()
     resolver = SecretResolver(redactor, environ={"HOOK_KEY": "k-99", "TOKEN": "tok-55"})
-    prepared = prepare_action(
-        WEBHOOK, {"url": url + "/?token=${env:TOKEN}", "secret": "${env:HOOK_KEY}"}
-    )
-
-    async def go() -> None:
-        try:
-            await prepared.run(make_ctx(), secrets=resolver)
-        finally:
-            await aclose_shared_clients()
-
+    ran = dispatch({"url": url + "/?token=${env:TOKEN}", "secret": "${env:HOOK_KEY}"}, resolver)
     with pytest.raises(PermanentActionError) as info:
-        asyncio.run(go())
+        ran.value()
     request = script.seen[0]
+    assert ran.ctx is not None and request.headers["Idempotency-Key"] == ran.ctx.invocation_id
     assert request.path == "/?token=tok-55"
     timestamp = request.headers["X-Reactor-Timestamp"]
     expected = hmac_sha256(b"k-99", f"{timestamp}.".encode() + request.body)
     assert request.headers["X-Reactor-Signature"] == f"sha256={expected}"
-    assert redactor.redact(str(info.value)) == str(info.value).replace("tok-55", "***")
+    assert "tok-55" not in str(info.value) and "/?token=***" in str(info.value)
+    assert ran.outcomes[0].error is not None and "tok-55" not in ran.outcomes[0].error
 
 
 def test_retry_after_parses_seconds_and_http_dates() -> None:
@@ -254,11 +251,11 @@ def test_retry_after_parses_seconds_and_http_dates() -> None:
 
 
 def test_check_refuses_non_http_urls() -> None:
-    assert WEBHOOK.check is not None
+    assert Plugin().action_type.check is check_webhook
     ctx = CheckContext(settings=ActionSettings(), rule="r")
-    assert WEBHOOK.check(WebhookParams(url="ftp://x/"), ctx)
-    assert WEBHOOK.check(WebhookParams(url="{{ data.url }}"), ctx) == []
-    assert WEBHOOK.check(WebhookParams(url="https://hooks.example/x"), ctx) == []
+    assert check_webhook(WebhookParams(url="ftp://x/"), ctx)
+    assert check_webhook(WebhookParams(url="{{ data.url }}"), ctx) == []
+    assert check_webhook(WebhookParams(url="https://hooks.example/x"), ctx) == []
 
 
 def test_the_documented_receiver_verifies_our_requests(server: tuple[str, Script]) -> None:

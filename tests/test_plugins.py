@@ -417,3 +417,33 @@ def test_every_hook_is_documented_and_tested() -> None:
     for name in names:
         assert f"`{name}" in docs, f"{name} is not documented in docs/plugins.md"
         assert f"def {name}(" in tests, f"no test implements {name}"
+
+
+def test_each_manager_has_its_own_restart_history_and_http_clients() -> None:
+    """Two reactors in one process (two managers) share no state through the built-ins."""
+    first, second = make_plugin_manager(plugin_dirs=()), make_plugin_manager(plugin_dirs=())
+    restarts = [pm.get_plugin("reactor.actions.restart_vm") for pm in (first, second)]
+    hooks = [pm.get_plugin("reactor.actions.webhook") for pm in (first, second)]
+    assert restarts[0].guard is not restarts[1].guard
+    assert hooks[0].clients is not hooks[1].clients
+    # A VM restarted to its limit under the first manager may still restart under the second.
+    assert restarts[0].guard.admit("web1", "inv-1", limit=1, window=600) == (True, 1)
+    assert restarts[0].guard.admit("web1", "inv-2", limit=1, window=600) == (False, 1)
+    assert restarts[1].guard.admit("web1", "inv-3", limit=1, window=600) == (True, 1)
+    kinds = [Plugins(pm).action_types()["restart_vm"] for pm in (first, second)]
+    assert kinds[0] is not kinds[1] and kinds[0].run is not kinds[1].run
+
+
+def test_a_managers_shutdown_closes_only_its_own_http_clients() -> None:
+    first, second = load_plugins(plugin_dirs=()), load_plugins(plugin_dirs=())
+    clients = [p.pm.get_plugin("reactor.actions.webhook").clients for p in (first, second)]
+
+    async def go() -> tuple[bool, bool]:
+        made = [c.get(verify=True) for c in clients]
+        await first.shutdown()
+        try:
+            return made[0].is_closed, made[1].is_closed
+        finally:
+            await second.shutdown()
+
+    assert asyncio.run(go()) == (True, False)

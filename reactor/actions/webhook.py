@@ -7,6 +7,10 @@ signed: ``X-Reactor-Signature: sha256=HEX`` where HEX is the HMAC-SHA256 of
 seconds (see docs/actions.md for a verifying receiver). Connection errors,
 timeouts, 5xx and 429 are retried (``Retry-After`` honoured); redirects are not
 followed; any other 4xx is permanent.
+
+The HTTP clients (one per TLS setting, kept alive between requests) belong to
+the plugin instance a plugin manager registers (``Plugin``), which closes them
+at ``reactor_shutdown``: a fresh manager has fresh clients.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -25,12 +30,12 @@ from pydantic import Field
 
 from reactor import __version__
 from reactor.errors import PermanentActionError, TransientActionError
-from reactor.params.secrets import redact
 from reactor.params.templates import is_template
 from reactor.plugins.api import ActionContext, ActionParams, ActionType, CheckContext, Duration
 from reactor.plugins.hookspecs import Register, hookimpl
 
 USER_AGENT = f"qmp-reactor/{__version__}"
+DESCRIPTION = "Send the event to an HTTP endpoint, signed with HMAC-SHA256 if a secret is set."
 
 
 class WebhookParams(ActionParams):
@@ -49,7 +54,7 @@ class WebhookParams(ActionParams):
     verify_tls: bool = Field(True, description="verify the server's TLS certificate")
 
 
-class _SharedClients:
+class HttpClients:
     """One lazily made ``httpx.AsyncClient`` per TLS setting, on the loop that made it."""
 
     def __init__(self) -> None:
@@ -57,6 +62,7 @@ class _SharedClients:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def get(self, verify: bool) -> httpx.AsyncClient:
+        """The client for ``verify``, made on first use on the running loop."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             # A client cannot outlive its loop; the old loop's ones are unusable.
@@ -68,17 +74,10 @@ class _SharedClients:
         return client
 
     async def aclose(self) -> None:
+        """Close every client (on the loop that used them); the next ``get`` makes new ones."""
         clients, self._clients, self._loop = list(self._clients.values()), {}, None
         for client in clients:
             await client.aclose()
-
-
-_SHARED = _SharedClients()
-
-
-async def aclose_shared_clients() -> None:
-    """Close the process's shared HTTP clients (at shutdown, on the loop that used them)."""
-    await _SHARED.aclose()
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:
@@ -120,7 +119,7 @@ def retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _judge(response: httpx.Response, where: str) -> None:
+def _judge(response: httpx.Response, where: str, redact: Callable[[str], str]) -> None:
     status = response.status_code
     if status < 300:
         return
@@ -135,11 +134,14 @@ def _judge(response: httpx.Response, where: str) -> None:
     raise PermanentActionError(redact(f"{where}: HTTP {status}: ") + redact(response.text)[:200])
 
 
-async def run_webhook(params: WebhookParams, ctx: ActionContext) -> dict[str, Any]:
-    """Send the request; returns the status code, or raises a transient/permanent error."""
+async def run_webhook(
+    params: WebhookParams, ctx: ActionContext, clients: HttpClients
+) -> dict[str, Any]:
+    """Send the request with ``clients``; the status code, or a transient/permanent error."""
+    redact = ctx.redact
     body = _body(params, ctx)
     where = redact(f"webhook {params.method} {params.url}")
-    client = _SHARED.get(params.verify_tls)
+    client = clients.get(params.verify_tls)
     try:
         response = await client.request(
             params.method,
@@ -156,7 +158,7 @@ async def run_webhook(params: WebhookParams, ctx: ActionContext) -> dict[str, An
         raise TransientActionError(redact(f"{where}: {type(err).__name__}: {err}")) from err
     except httpx.InvalidURL as err:
         raise PermanentActionError(redact(f"{where}: invalid URL: {err}")) from err
-    _judge(response, where)
+    _judge(response, where, redact)
     return {"status": response.status_code}
 
 
@@ -167,22 +169,34 @@ def check_webhook(params: WebhookParams, ctx: CheckContext) -> list[str]:
     return [f"url {params.url!r} is not an http:// or https:// URL"]
 
 
-WEBHOOK = ActionType(
-    name="webhook",
-    params=WebhookParams,
-    run=run_webhook,
-    check=check_webhook,
-    description="Send the event to an HTTP endpoint, signed with HMAC-SHA256 if a secret is set.",
-)
+def make_webhook(clients: HttpClients) -> ActionType:
+    """A ``webhook`` action type sending its requests with ``clients``."""
+
+    async def run(params: WebhookParams, ctx: ActionContext) -> dict[str, Any]:
+        return await run_webhook(params, ctx, clients)
+
+    return ActionType(
+        name="webhook",
+        params=WebhookParams,
+        run=run,
+        check=check_webhook,
+        description=DESCRIPTION,
+    )
 
 
-@hookimpl
-def reactor_register_actions(register: Register) -> None:
-    """Register ``webhook``."""
-    register(WEBHOOK)
+class Plugin:
+    """The built-in plugin: ``webhook`` with HTTP clients this instance owns and closes."""
 
+    def __init__(self) -> None:
+        self.clients = HttpClients()
+        self.action_type = make_webhook(self.clients)
 
-@hookimpl
-def reactor_shutdown() -> Any:
-    """Close the shared HTTP clients."""
-    return aclose_shared_clients()
+    @hookimpl
+    def reactor_register_actions(self, register: Register) -> None:
+        """Register ``webhook``."""
+        register(self.action_type)
+
+    @hookimpl
+    def reactor_shutdown(self) -> Any:
+        """Close this instance's HTTP clients."""
+        return self.clients.aclose()
