@@ -42,7 +42,6 @@ from reactor.service.metrics import (
 from reactor.service.permissions import config_paths_warnings
 from reactor.service.reactor import Reactor, refrozen, tune_for_serving
 from reactor.sources.manager import ConnectionManager
-from reactor.sources.session import READ_PACE
 
 log = logging.getLogger("reactor.service.daemon")
 events_log = logging.getLogger("reactor.event")
@@ -221,9 +220,7 @@ class Daemon:
         )
         await self.plugins.startup(cfg.actions.settings())
         await self.reactor.start()
-        READ_PACE.set(
-            self.reactor.backpressure
-        )  # inherited by every connection task made from here
+        self.conns.pace = self.reactor.backpressure  # overload slows the readers down
         self.metrics_server = await start_metrics_server(self.metrics, cfg.metrics)
         names = cfg.vm_names()
         for address in cfg.qmp:
