@@ -198,7 +198,6 @@ class Rig:
         from reactor.service.config import Config
         from reactor.service.reactor import Reactor, tune_for_serving
         from reactor.sources.manager import ConnectionManager
-        from reactor.sources.session import READ_PACE
 
         rules_dir = write_rules(self.tmp / "rules", 100)
         (rules_dir / "bench.yaml").write_text(BENCH_RULE)
@@ -217,7 +216,7 @@ class Rig:
             vm_lookup=self.conns.get,
         )
         await self.reactor.start()
-        READ_PACE.set(self.reactor.backpressure)  # as the daemon: overload slows the readers down
+        self.conns.pace = self.reactor.backpressure  # as the daemon: overload slows readers
         for vm in self.vms:
             self.conns.add(str(self.tmp / f"{vm['name']}.qmp"), vm["name"])
         await self.peer.expect("connected")

@@ -5,14 +5,36 @@
     ReactorError                 root: anything this package raises on purpose
     ├── UserError                the operator's mistake; printed as one line, exit 1
     │   ├── RuleError            a rule file is wrong (carries FILE:LINE:COL)
-    │   └── ConfigError          a configuration file or flag is wrong
-    ├── PluginError              a plugin failed to load or to register (names it)
+    │   ├── ConfigError          a configuration file or flag is wrong
+    │   └── PluginError          a plugin failed to load or to register (names it;
+    │                            FILE:LINE of a broken plugin file)
+    ├── JournalError             a journal read or write failed (reactor.dispatch.journal)
     └── ActionError              an action invocation failed
         ├── TransientActionError   worth retrying (connection refused, 5xx, timeout)
         └── PermanentActionError   retrying cannot help (4xx, refused by policy)
 
-A ``UserError`` is never a bug of ours: the CLI prints ``str(err)`` and exits 1.
-Anything else keeps its traceback, because it is one.
+Outside the root, errors a layer raises and handles itself (or that extend
+what the library beneath it raises)::
+
+    ValueError
+    ├── TemplateSyntaxProblem    a template that does not compile (reactor.params.templates;
+    │                            ``check`` reports it located)
+    └── PathSyntaxError          a JSONPath that does not parse (reactor.rules.paths; same)
+    qemu.qmp.error.ProtocolError
+    └── WireError                a QMP line that is not a JSON object, or too long
+                                 (reactor.sources.session; ends that session only)
+    Exception
+    ├── SessionFailed            a session that could not start or ended too soon; worth a
+    │                            backoff (reactor.sources.vm)
+    └── QmpError                 the demo's own QMP client failed (reactor.demo.machine)
+        └── QmpCommandError      QEMU answered a command with an error
+    RuntimeError
+    └── QemuStartError           the demo's QEMU did not start (reactor.demo.machine)
+
+A ``UserError`` is never a bug of ours: the CLI prints each of its
+``diagnostics`` (or ``str(err)``) as one line and exits 1. Anything else keeps
+its traceback, because it is one. Every exception class in the package is in
+one of these trees or private (``_Name``); ``tests/test_errors.py`` holds it so.
 """
 
 from __future__ import annotations
@@ -68,8 +90,17 @@ class ConfigError(UserError):
     """A configuration file or command-line setting that is wrong."""
 
 
-class PluginError(ReactorError):
-    """A plugin that failed to import or to register; the message names it."""
+class PluginError(UserError):
+    """A plugin that failed to import or to register; the message names it.
+
+    With ``location`` (a broken plugin file) the error is one located line,
+    ``FILE:LINE: error: MESSAGE``, both as ``str`` and as its one diagnostic.
+    """
+
+    def __init__(self, message: str, location: Location | None = None) -> None:
+        diagnostics = [Diagnostic(location, message)] if location is not None else []
+        super().__init__(str(diagnostics[0]) if diagnostics else message, diagnostics)
+        self.location = location
 
 
 class ActionError(ReactorError):

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from reactor.actions.exec import DISABLED, EXEC, ExecParams, run_exec
-from reactor.actions.prepare import prepare_action
 from reactor.errors import PermanentActionError, TransientActionError
 from reactor.params.secrets import SecretResolver
 from reactor.plugins.api import ActionContext, ActionSettings, CheckContext
+from tests.support.dispatched import dispatch_once
 
 ENVELOPE = {"event": "WATCHDOG", "data": {"action": "reset"}, "vm": "web1", "seq": 9}
 ENABLED = ActionSettings(exec_enabled=True)
@@ -33,9 +33,15 @@ def make_ctx(settings: ActionSettings = ENABLED) -> ActionContext:
     )
 
 
-def run(params: dict[str, Any], settings: ActionSettings = ENABLED, **kw: Any) -> Any:
-    prepared = prepare_action(EXEC, params)
-    return asyncio.run(prepared.run(make_ctx(settings), **kw))
+def run(
+    params: dict[str, Any],
+    settings: ActionSettings = ENABLED,
+    secrets: SecretResolver | None = None,
+) -> Any:
+    """Run as the daemon does: a real dispatcher renders ``params`` and runs ``exec`` once."""
+    return dispatch_once(
+        EXEC, params, ENVELOPE, rule="watchdog", settings=settings, resolver=secrets
+    ).value()
 
 
 def test_check_refuses_exec_unless_enabled() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import socket
@@ -14,9 +13,9 @@ from typing import Any
 import pytest
 
 from reactor.actions.notify import NOTIFY, NotifyParams
-from reactor.actions.prepare import prepare_action
 from reactor.errors import PermanentActionError, TransientActionError
-from reactor.plugins.api import ActionContext, ActionSettings, CheckContext
+from reactor.plugins.api import ActionSettings, CheckContext
+from tests.support.dispatched import dispatch_once
 
 ENVELOPE = {"event": "GUEST_PANICKED", "data": {"action": "pause"}, "vm": "web1", "seq": 2}
 
@@ -53,21 +52,9 @@ def inbox() -> Iterator[tuple[int, Inbox]]:
         thread.join()
 
 
-def make_ctx(settings: ActionSettings | None = None) -> ActionContext:
-    return ActionContext(
-        invocation_id="inv-n",
-        idempotency_key="key-n",
-        rule="panic-notify",
-        action_index=0,
-        envelope=ENVELOPE,
-        context={},
-        attempt=1,
-        settings=settings or ActionSettings(),
-    )
-
-
 def notify(params: dict[str, Any], settings: ActionSettings | None = None) -> Any:
-    return asyncio.run(prepare_action(NOTIFY, params).run(make_ctx(settings)))
+    """Run as the daemon does: a real dispatcher renders ``params`` and runs ``notify`` once."""
+    return dispatch_once(NOTIFY, params, ENVELOPE, rule="panic-notify", settings=settings).value()
 
 
 def test_title_and_body_are_rendered_and_delivered(inbox: tuple[int, Inbox]) -> None:

@@ -6,7 +6,6 @@ connection is exercised by the integration suite.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,10 +14,10 @@ from qemu.qmp import ExecuteError
 from qemu.qmp.message import Message
 from qemu.qmp.models import ErrorResponse
 
-from reactor.actions.prepare import prepare_action
 from reactor.actions.qmp import QMP, QmpParams
 from reactor.errors import PermanentActionError, TransientActionError
-from reactor.plugins.api import ActionContext, ActionSettings, CheckContext
+from reactor.plugins.api import ActionSettings, CheckContext
+from tests.support.dispatched import dispatch_once
 
 ENVELOPE = {"event": "BLOCK_IO_ERROR", "data": {"device": "virtio0"}, "vm": "db1", "seq": 3}
 
@@ -45,22 +44,9 @@ class RecordingVm:
         return self.reply
 
 
-def make_ctx(vm: RecordingVm | None, settings: ActionSettings | None = None) -> ActionContext:
-    return ActionContext(
-        invocation_id="inv-2",
-        idempotency_key="key-2",
-        rule="io-error",
-        action_index=0,
-        envelope=ENVELOPE,
-        context={},
-        attempt=1,
-        settings=settings or ActionSettings(),
-        vm=vm,
-    )
-
-
 def run(params: dict[str, Any], vm: RecordingVm | None, **kw: Any) -> Any:
-    return asyncio.run(prepare_action(QMP, params).run(make_ctx(vm, **kw)))
+    """Run as the daemon does: a real dispatcher renders ``params`` and runs ``qmp`` once."""
+    return dispatch_once(QMP, params, ENVELOPE, rule="io-error", vm=vm, **kw).value()
 
 
 def test_check_refuses_commands_off_the_allowlist() -> None:

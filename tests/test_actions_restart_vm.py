@@ -18,7 +18,7 @@ from qemu.qmp.message import Message
 from qemu.qmp.models import ErrorResponse
 
 from reactor.actions.exec import DISABLED
-from reactor.actions.restart_vm import RestartGuard, RestartParams, make_restart_vm
+from reactor.actions.restart_vm import Plugin, RestartGuard, RestartParams, make_restart_vm
 from reactor.errors import PermanentActionError, TransientActionError
 from reactor.plugins.api import ActionContext, ActionSettings, CheckContext
 
@@ -239,3 +239,18 @@ def test_method_command_runs_the_program_when_enabled(tmp_path: Path) -> None:
 def test_parameter_rules(params: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         RestartParams.model_validate(params)
+
+
+def test_a_fresh_plugin_has_a_fresh_guard() -> None:
+    """Restart history belongs to the plugin instance a manager registers, not to the process."""
+    first, second = Plugin(), Plugin()
+    params = RestartParams(limit=1)
+
+    def suppressed(plugin: Plugin, invocation: str) -> bool:
+        ctx = make_ctx(FakeQemu("running"), invocation)
+        return bool(asyncio.run(plugin.action_type.run(params, ctx))["suppressed"])
+
+    assert first.guard is not second.guard
+    assert not suppressed(first, "inv-1")
+    assert suppressed(first, "inv-2")
+    assert not suppressed(second, "inv-2")

@@ -23,17 +23,18 @@ from cloudevents.core.bindings.http import HTTPMessage, from_http_event
 from pydantic import ValidationError
 
 from reactor import __version__
-from reactor.actions.prepare import prepare_action
 from reactor.actions.webhook import (
-    WEBHOOK,
+    HttpClients,
+    Plugin,
     WebhookParams,
-    aclose_shared_clients,
+    check_webhook,
     retry_after,
     run_webhook,
 )
 from reactor.errors import PermanentActionError, TransientActionError
 from reactor.params.secrets import Redactor, SecretResolver
 from reactor.plugins.api import ActionContext, ActionSettings, CheckContext
+from tests.support.dispatched import Ran, dispatch_once
 
 ENVELOPE = {
     "event": "GUEST_PANICKED",
@@ -128,12 +129,26 @@ def hmac_sha256(key: bytes, message: bytes) -> str:
 
 def attempt(params: WebhookParams, n: int) -> Any:
     async def go() -> Any:
+        clients = HttpClients()
         try:
-            return await run_webhook(params, make_ctx(n))
+            return await run_webhook(params, make_ctx(n), clients)
         finally:
-            await aclose_shared_clients()
+            await clients.aclose()
 
     return asyncio.run(go())
+
+
+def dispatch(params: dict[str, Any], resolver: SecretResolver | None = None) -> Ran:
+    """Run as the daemon does: a real dispatcher renders ``params``, the plugin's webhook runs."""
+    plugin = Plugin()
+    return dispatch_once(
+        plugin.action_type,
+        params,
+        ENVELOPE,
+        rule="panic-hook",
+        resolver=resolver,
+        closing=plugin.reactor_shutdown,
+    )
 
 
 def test_retries_on_503_and_429_with_same_key_and_valid_signatures(
@@ -205,20 +220,9 @@ def test_rendered_mapping_body_is_json_and_string_body_is_sent_as_is(
     server: tuple[str, Script],
 ) -> None:
     url, script = server
-    mapping = prepare_action(
-        WEBHOOK,
-        {"url": url, "body": {"text": "{{ vm }}: {{ event }}", "n": 2}, "method": "PUT"},
-    )
-    raw = prepare_action(WEBHOOK, {"url": url, "body": '{"vm": "{{ vm }}"} '})
-
-    async def go() -> None:
-        try:
-            await mapping.run(make_ctx())
-            await raw.run(make_ctx())
-        finally:
-            await aclose_shared_clients()
-
-    asyncio.run(go())
+    mapping = {"url": url, "body": {"text": "{{ vm }}: {{ event }}", "n": 2}, "method": "PUT"}
+    assert dispatch(mapping).value() == {"status": 200}
+    assert dispatch({"url": url, "body": '{"vm": "{{ vm }}"} '}).value() == {"status": 200}
     assert script.seen[0].method == "PUT"
     assert json.loads(script.seen[0].body) == {"text": "web1: GUEST_PANICKED", "n": 2}
     assert script.seen[1].body == b'{"vm": "web1"} '
@@ -229,24 +233,17 @@ def test_secret_from_environment_signs_and_is_redacted(server: tuple[str, Script
     script.responses[:] = [(400, {}, 0.0)]
     redactor = Redactor()
     resolver = SecretResolver(redactor, environ={"HOOK_KEY": "k-99", "TOKEN": "tok-55"})
-    prepared = prepare_action(
-        WEBHOOK, {"url": url + "/?token=${env:TOKEN}", "secret": "${env:HOOK_KEY}"}
-    )
-
-    async def go() -> None:
-        try:
-            await prepared.run(make_ctx(), secrets=resolver)
-        finally:
-            await aclose_shared_clients()
-
+    ran = dispatch({"url": url + "/?token=${env:TOKEN}", "secret": "${env:HOOK_KEY}"}, resolver)
     with pytest.raises(PermanentActionError) as info:
-        asyncio.run(go())
+        ran.value()
     request = script.seen[0]
+    assert ran.ctx is not None and request.headers["Idempotency-Key"] == ran.ctx.invocation_id
     assert request.path == "/?token=tok-55"
     timestamp = request.headers["X-Reactor-Timestamp"]
     expected = hmac_sha256(b"k-99", f"{timestamp}.".encode() + request.body)
     assert request.headers["X-Reactor-Signature"] == f"sha256={expected}"
-    assert redactor.redact(str(info.value)) == str(info.value).replace("tok-55", "***")
+    assert "tok-55" not in str(info.value) and "/?token=***" in str(info.value)
+    assert ran.outcomes[0].error is not None and "tok-55" not in ran.outcomes[0].error
 
 
 def test_retry_after_parses_seconds_and_http_dates() -> None:
@@ -258,11 +255,11 @@ def test_retry_after_parses_seconds_and_http_dates() -> None:
 
 
 def test_check_refuses_non_http_urls() -> None:
-    assert WEBHOOK.check is not None
+    assert Plugin().action_type.check is check_webhook
     ctx = CheckContext(settings=ActionSettings(), rule="r")
-    assert WEBHOOK.check(WebhookParams(url="ftp://x/"), ctx)
-    assert WEBHOOK.check(WebhookParams(url="{{ data.url }}"), ctx) == []
-    assert WEBHOOK.check(WebhookParams(url="https://hooks.example/x"), ctx) == []
+    assert check_webhook(WebhookParams(url="ftp://x/"), ctx)
+    assert check_webhook(WebhookParams(url="{{ data.url }}"), ctx) == []
+    assert check_webhook(WebhookParams(url="https://hooks.example/x"), ctx) == []
 
 
 def documented(function: str) -> dict[str, Any]:
@@ -305,10 +302,11 @@ def with_envelope(envelope: dict[str, Any]) -> ActionContext:
 
 def send(params: WebhookParams, ctx: ActionContext) -> None:
     async def go() -> None:
+        clients = HttpClients()
         try:
-            await run_webhook(params, ctx)
+            await run_webhook(params, ctx, clients)
         finally:
-            await aclose_shared_clients()
+            await clients.aclose()
 
     asyncio.run(go())
 
@@ -424,18 +422,17 @@ def test_a_malformed_whsec_secret_fails_permanently_without_showing_it(
 
 
 def test_check_validates_format_and_secrets_without_printing_them() -> None:
-    assert WEBHOOK.check is not None
     ctx = CheckContext(settings=ActionSettings(), rule="r")
     with pytest.raises(ValidationError, match="standard-webhooks"):
         WebhookParams.model_validate({"url": "http://x/", "format": "standard-webhook"})
     bad = WebhookParams(url="http://x/", secret=["${env:K}", "whsec_%%%"], format="cloudevents")
-    assert WEBHOOK.check(bad, ctx) == ["secret[1]: a whsec_ secret must be base64 after the prefix"]
+    assert check_webhook(bad, ctx) == ["secret[1]: a whsec_ secret must be base64 after the prefix"]
     empty = WebhookParams(url="http://x/", secret="whsec_", format="standard-webhooks")
-    assert WEBHOOK.check(empty, ctx) == ["secret: a whsec_ secret must hold a key after the prefix"]
-    assert WEBHOOK.check(WebhookParams(url="http://x/", secret=[]), ctx)
-    assert WEBHOOK.check(WebhookParams(url="http://x/", secret="whsec_%%%"), ctx) == []  # reactor
+    assert check_webhook(empty, ctx) == ["secret: a whsec_ secret must hold a key after the prefix"]
+    assert check_webhook(WebhookParams(url="http://x/", secret=[]), ctx)
+    assert check_webhook(WebhookParams(url="http://x/", secret="whsec_%%%"), ctx) == []  # reactor
     assert (
-        WEBHOOK.check(WebhookParams(url="http://x/", secret=WHSEC, format="cloudevents"), ctx) == []
+        check_webhook(WebhookParams(url="http://x/", secret=WHSEC, format="cloudevents"), ctx) == []
     )
 
 

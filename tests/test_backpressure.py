@@ -17,7 +17,7 @@ from reactor.errors import Location
 from reactor.model import ActionSpec, Envelope, Firing, Rule
 from reactor.plugins.api import ActionContext, ActionSettings, ActionType
 from reactor.sources.manager import ConnectionManager
-from reactor.sources.session import BURST, READ_PACE
+from reactor.sources.session import BURST
 from tests import fakeqmp
 from tests.fakeqmp import FakeQmp
 
@@ -114,8 +114,7 @@ def test_readers_wait_while_the_pace_says_so(tmp_path: Path) -> None:
             return None if gate.is_set() else gate
 
         async with FakeQmp(path, fakeqmp.flood(5_000)):
-            READ_PACE.set(pace)  # before the connection's tasks are made: they inherit it
-            manager = ConnectionManager(seen.append)
+            manager = ConnectionManager(seen.append, pace=pace)
             manager.add(path)
             await asyncio.sleep(0.5)
             held = len(seen)

@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pluggy
 import pytest
 from pydantic import BaseModel
 
@@ -117,6 +118,63 @@ def test_syntax_error_in_plugin_file_names_it(tmp_path: Path) -> None:
     path = write_plugin(tmp_path, "typo", "def oops(:\n")
     with pytest.raises(PluginError, match=f"{re.escape(str(path))}.*SyntaxError"):
         plugins_from(tmp_path)
+
+
+def test_misspelt_hook_is_an_error_at_its_def(tmp_path: Path) -> None:
+    source = """
+        from reactor import hookimpl
+
+        @hookimpl
+        def reactor_register_action(register):
+            pass
+    """
+    path = write_plugin(tmp_path, "misspelt", source)
+    with pytest.raises(PluginError) as info:
+        plugins_from(tmp_path)
+    assert str(info.value) == (
+        f"{path}:5: error: plugin 'misspelt' implements unknown hook 'reactor_register_action' "
+        "(did you mean reactor_register_actions?)"
+    )
+    assert isinstance(info.value.__cause__, pluggy.PluginValidationError)
+
+
+BROKEN_FILES = {
+    "syntax": ("import json\ndef oops(:\n", ":2:10: error: plugin failed to import: SyntaxError: "),
+    "at import": (
+        "import json\n\ndef half(x):\n    return x / 0\n\nHALF = half(1)\n",
+        ":4: error: plugin failed to import: ZeroDivisionError: division by zero",
+    ),
+    "missing module": (
+        '"""Needs a module that is not installed."""\nimport qmp_reactor_no_such_module\n',
+        ":2: error: plugin failed to import: ModuleNotFoundError: No module named "
+        "'qmp_reactor_no_such_module'",
+    ),
+    "misspelt hook": (
+        "from reactor import hookimpl\n\n@hookimpl\ndef reactor_startupp(settings):\n    pass\n",
+        ":4: error: plugin 'broken' implements unknown hook 'reactor_startupp' "
+        "(did you mean reactor_startup?)",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+@pytest.mark.parametrize("kind", BROKEN_FILES)
+def test_broken_plugin_file_is_one_located_line(tmp_path: Path, command: str, kind: str) -> None:
+    source, expected = BROKEN_FILES[kind]
+    path = write_plugin(tmp_path / "plugins", "broken", source)
+    args = {
+        "check": ["check", str(REPO / "rules")],
+        "run": ["run", "--rules", str(REPO / "rules"), "--state-dir", str(tmp_path / "state")],
+    }[command]
+    done = subprocess.run(
+        [sys.executable, "-m", "reactor", *args, "--plugin-dir", str(path.parent)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith(str(path) + expected), line
+    assert "Traceback" not in done.stderr and done.stdout == ""
 
 
 def test_duplicate_action_name_names_both_plugins(tmp_path: Path) -> None:
@@ -359,3 +417,33 @@ def test_every_hook_is_documented_and_tested() -> None:
     for name in names:
         assert f"`{name}" in docs, f"{name} is not documented in docs/plugins.md"
         assert f"def {name}(" in tests, f"no test implements {name}"
+
+
+def test_each_manager_has_its_own_restart_history_and_http_clients() -> None:
+    """Two reactors in one process (two managers) share no state through the built-ins."""
+    first, second = make_plugin_manager(plugin_dirs=()), make_plugin_manager(plugin_dirs=())
+    restarts = [pm.get_plugin("reactor.actions.restart_vm") for pm in (first, second)]
+    hooks = [pm.get_plugin("reactor.actions.webhook") for pm in (first, second)]
+    assert restarts[0].guard is not restarts[1].guard
+    assert hooks[0].clients is not hooks[1].clients
+    # A VM restarted to its limit under the first manager may still restart under the second.
+    assert restarts[0].guard.admit("web1", "inv-1", limit=1, window=600) == (True, 1)
+    assert restarts[0].guard.admit("web1", "inv-2", limit=1, window=600) == (False, 1)
+    assert restarts[1].guard.admit("web1", "inv-3", limit=1, window=600) == (True, 1)
+    kinds = [Plugins(pm).action_types()["restart_vm"] for pm in (first, second)]
+    assert kinds[0] is not kinds[1] and kinds[0].run is not kinds[1].run
+
+
+def test_a_managers_shutdown_closes_only_its_own_http_clients() -> None:
+    first, second = load_plugins(plugin_dirs=()), load_plugins(plugin_dirs=())
+    clients = [p.pm.get_plugin("reactor.actions.webhook").clients for p in (first, second)]
+
+    async def go() -> tuple[bool, bool]:
+        made = [c.get(verify=True) for c in clients]
+        await first.shutdown()
+        try:
+            return made[0].is_closed, made[1].is_closed
+        finally:
+            await second.shutdown()
+
+    assert asyncio.run(go()) == (True, False)

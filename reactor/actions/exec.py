@@ -12,13 +12,12 @@ import contextlib
 import json
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pydantic import Field
 
 from reactor.errors import PermanentActionError, TransientActionError
-from reactor.params.secrets import redact
 from reactor.plugins.api import (
     ActionContext,
     ActionParams,
@@ -64,8 +63,12 @@ async def run_argv(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     stdin: bytes = b"",
+    redact: Callable[[str], str],
 ) -> ExecResult:
-    """Run ``argv`` to completion; TransientActionError on a timeout (process group killed)."""
+    """Run ``argv`` to completion; TransientActionError on a timeout (process group killed).
+
+    Error messages go through ``redact`` (they quote ``argv[0]``, maybe rendered from a secret).
+    """
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -117,13 +120,18 @@ async def run_exec(params: ExecParams, ctx: ActionContext) -> dict[str, object]:
     refuse_unless_enabled(ctx.settings)
     stdin = json.dumps(ctx.envelope, default=str).encode()
     result = await run_argv(
-        params.argv, timeout=params.timeout, env=params.env, cwd=params.cwd, stdin=stdin
+        params.argv,
+        timeout=params.timeout,
+        env=params.env,
+        cwd=params.cwd,
+        stdin=stdin,
+        redact=ctx.redact,
     )
     if result.exit_code != 0:
         detail = last_line(result.stderr)
         message = f"{params.argv[0]!r} exited with status {result.exit_code}"
-        raise TransientActionError(redact(f"{message}: {detail}" if detail else message))
-    return {"exit_code": 0, "stdout": redact(result.stdout)}
+        raise TransientActionError(ctx.redact(f"{message}: {detail}" if detail else message))
+    return {"exit_code": 0, "stdout": ctx.redact(result.stdout)}
 
 
 def check_exec(params: ExecParams, ctx: CheckContext) -> list[str]:

@@ -8,7 +8,6 @@ from typing import Literal
 
 from pydantic import Field
 
-from reactor.params.secrets import redact
 from reactor.plugins.api import ActionContext, ActionParams, ActionType
 from reactor.plugins.hookspecs import Register, hookimpl
 
@@ -42,7 +41,7 @@ async def run_log(params: LogParams, ctx: ActionContext) -> str:
         "seq": envelope.get("seq"),
         "invocation": ctx.invocation_id,
     }
-    message = redact(params.message or f"{envelope.get('event')} on {envelope.get('vm')}")
+    message = ctx.redact(params.message or f"{envelope.get('event')} on {envelope.get('vm')}")
     line = " ".join(f"{key}={json.dumps(value)}" for key, value in fields.items())
     AUDIT.log(
         _LEVELS[params.level],

@@ -15,7 +15,6 @@ from typing import Any
 from pydantic import Field
 
 from reactor.errors import PermanentActionError, TransientActionError
-from reactor.params.secrets import redact
 from reactor.params.templates import is_template
 from reactor.plugins.api import (
     ActionContext,
@@ -86,7 +85,7 @@ async def run_notify(params: NotifyParams, ctx: ActionContext) -> dict[str, Any]
     ok = await notifier.async_notify(body=body, title=title, **tags)
     if not ok:
         schemes = ", ".join(sorted({_scheme(url) for url in urls}))
-        raise TransientActionError(redact(f"notify via {schemes} failed"))
+        raise TransientActionError(ctx.redact(f"notify via {schemes} failed"))
     return {"notified": len(urls)}
 
 

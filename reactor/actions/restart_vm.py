@@ -1,7 +1,9 @@
 """The ``restart_vm`` action: reset, power-cycle or quit the VM, then check it runs again.
 
-Restarts are rationed: at most ``limit`` per VM per ``window`` (a process-wide
-``RestartGuard``, retries of one invocation count once). Past that the action
+Restarts are rationed: at most ``limit`` per VM per ``window`` (counted by the
+``RestartGuard`` of the plugin instance a plugin manager registers, so each
+manager, and the reactor built on it, has its own history; retries of one
+invocation count once). Past that the action
 does nothing, raises the synthetic ``REACTOR_RESTART_SUPPRESSED`` event and
 reports itself suppressed: a restart loop is worse than a stopped VM.
 Every command carries ``cause=(rule, "restart_vm")``, so the RESET and RESUME
@@ -24,7 +26,6 @@ from pydantic import Field, model_validator
 from reactor.actions._vmcall import execute, require_vm
 from reactor.actions.exec import DISABLED, last_line, refuse_unless_enabled, run_argv
 from reactor.errors import PermanentActionError, TransientActionError
-from reactor.params.secrets import redact
 from reactor.plugins.api import ActionContext, ActionParams, ActionType, CheckContext, Duration
 from reactor.plugins.hookspecs import Register, hookimpl
 
@@ -85,10 +86,6 @@ class RestartGuard:
             return True, len(entries)
 
 
-GUARD = RestartGuard()
-"""The process-wide guard the built-in ``restart_vm`` uses."""
-
-
 class _Restarter:
     """One restart: the QMP steps of each method, polling at ``interval``."""
 
@@ -121,11 +118,13 @@ class _Restarter:
     async def command(self) -> None:
         refuse_unless_enabled(self.ctx.settings)
         argv = self.params.command or []
-        result = await run_argv(argv, timeout=self.params.timeout)
+        result = await run_argv(argv, timeout=self.params.timeout, redact=self.ctx.redact)
         if result.exit_code != 0:
             detail = last_line(result.stderr)
             raise TransientActionError(
-                redact(f"restart command {argv[0]!r} exited with {result.exit_code}: {detail}")
+                self.ctx.redact(
+                    f"restart command {argv[0]!r} exited with {result.exit_code}: {detail}"
+                )
             )
 
     async def resume_until_running(self) -> None:
@@ -160,8 +159,8 @@ def _now() -> float:
 def make_restart_vm(
     guard: RestartGuard | None = None, *, poll_interval: float = POLL_INTERVAL
 ) -> ActionType:
-    """A ``restart_vm`` action type rationed by ``guard`` (default: the process-wide one)."""
-    the_guard = GUARD if guard is None else guard
+    """A ``restart_vm`` action type rationed by ``guard`` (default: a fresh one of its own)."""
+    the_guard = RestartGuard() if guard is None else guard
 
     async def run_restart_vm(params: RestartParams, ctx: ActionContext) -> dict[str, Any]:
         """Restart unless rationed; verify the VM runs again (not for quit and command)."""
@@ -207,10 +206,18 @@ def check_restart_vm(params: RestartParams, ctx: CheckContext) -> list[str]:
     return []
 
 
-RESTART_VM = make_restart_vm()
+class Plugin:
+    """The built-in plugin: ``restart_vm`` rationed by a guard this instance owns.
 
+    ``make_plugin_manager`` registers a fresh instance, so two managers (two
+    reactors in one process) never share restart history.
+    """
 
-@hookimpl
-def reactor_register_actions(register: Register) -> None:
-    """Register ``restart_vm``."""
-    register(RESTART_VM)
+    def __init__(self, guard: RestartGuard | None = None) -> None:
+        self.guard = RestartGuard() if guard is None else guard
+        self.action_type = make_restart_vm(self.guard)
+
+    @hookimpl
+    def reactor_register_actions(self, register: Register) -> None:
+        """Register ``restart_vm``."""
+        register(self.action_type)

@@ -10,6 +10,10 @@ the Unix time in seconds (see docs/actions.md for verifying receivers).
 Connection errors, timeouts, 5xx and 429 are retried (``Retry-After``
 honoured); redirects are not followed; any other 4xx is permanent, and 410 Gone
 says the endpoint is gone for good.
+
+The HTTP clients (one per TLS setting, kept alive between requests) belong to
+the plugin instance a plugin manager registers (``Plugin``), which closes them
+at ``reactor_shutdown``: a fresh manager has fresh clients.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -28,12 +33,14 @@ from reactor import __version__
 from reactor.actions._webhook_formats import Format, frame, secret_problem
 from reactor.actions._webhook_formats import sign as sign  # the reactor format's recipe
 from reactor.errors import PermanentActionError, TransientActionError
-from reactor.params.secrets import redact
 from reactor.params.templates import is_template
 from reactor.plugins.api import ActionContext, ActionParams, ActionType, CheckContext, Duration
 from reactor.plugins.hookspecs import Register, hookimpl
 
 USER_AGENT = f"qmp-reactor/{__version__}"
+
+
+DESCRIPTION = "Send the event to an HTTP endpoint, signed with HMAC-SHA256 if a secret is set."
 
 
 class WebhookParams(ActionParams):
@@ -61,7 +68,7 @@ class WebhookParams(ActionParams):
     verify_tls: bool = Field(True, description="verify the server's TLS certificate")
 
 
-class _SharedClients:
+class HttpClients:
     """One lazily made ``httpx.AsyncClient`` per TLS setting, on the loop that made it."""
 
     def __init__(self) -> None:
@@ -69,6 +76,7 @@ class _SharedClients:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def get(self, verify: bool) -> httpx.AsyncClient:
+        """The client for ``verify``, made on first use on the running loop."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             # A client cannot outlive its loop; the old loop's ones are unusable.
@@ -80,17 +88,10 @@ class _SharedClients:
         return client
 
     async def aclose(self) -> None:
+        """Close every client (on the loop that used them); the next ``get`` makes new ones."""
         clients, self._clients, self._loop = list(self._clients.values()), {}, None
         for client in clients:
             await client.aclose()
-
-
-_SHARED = _SharedClients()
-
-
-async def aclose_shared_clients() -> None:
-    """Close the process's shared HTTP clients (at shutdown, on the loop that used them)."""
-    await _SHARED.aclose()
 
 
 def _body(params: WebhookParams, ctx: ActionContext) -> bytes:
@@ -138,7 +139,7 @@ def retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
-def _judge(response: httpx.Response, where: str) -> None:
+def _judge(response: httpx.Response, where: str, redact: Callable[[str], str]) -> None:
     status = response.status_code
     if status < 300:
         return
@@ -155,11 +156,14 @@ def _judge(response: httpx.Response, where: str) -> None:
     raise PermanentActionError(redact(f"{where}: HTTP {status}: ") + redact(response.text)[:200])
 
 
-async def run_webhook(params: WebhookParams, ctx: ActionContext) -> dict[str, Any]:
-    """Send the request; returns the status code, or raises a transient/permanent error."""
+async def run_webhook(
+    params: WebhookParams, ctx: ActionContext, clients: HttpClients
+) -> dict[str, Any]:
+    """Send the request with ``clients``; the status code, or a transient/permanent error."""
+    redact = ctx.redact
     body, headers = _request(params, ctx)
     where = redact(f"webhook {params.method} {params.url}")
-    client = _SHARED.get(params.verify_tls)
+    client = clients.get(params.verify_tls)
     try:
         response = await client.request(
             params.method,
@@ -176,7 +180,7 @@ async def run_webhook(params: WebhookParams, ctx: ActionContext) -> dict[str, An
         raise TransientActionError(redact(f"{where}: {type(err).__name__}: {err}")) from err
     except httpx.InvalidURL as err:
         raise PermanentActionError(redact(f"{where}: invalid URL: {err}")) from err
-    _judge(response, where)
+    _judge(response, where, redact)
     return {"status": response.status_code}
 
 
@@ -205,22 +209,34 @@ def _secret_problems(params: WebhookParams) -> list[str]:
     return [f"{name.format(i)}: {problem}" for i, problem in found]
 
 
-WEBHOOK = ActionType(
-    name="webhook",
-    params=WebhookParams,
-    run=run_webhook,
-    check=check_webhook,
-    description="Send the event to an HTTP endpoint, signed with HMAC-SHA256 if a secret is set.",
-)
+def make_webhook(clients: HttpClients) -> ActionType:
+    """A ``webhook`` action type sending its requests with ``clients``."""
+
+    async def run(params: WebhookParams, ctx: ActionContext) -> dict[str, Any]:
+        return await run_webhook(params, ctx, clients)
+
+    return ActionType(
+        name="webhook",
+        params=WebhookParams,
+        run=run,
+        check=check_webhook,
+        description=DESCRIPTION,
+    )
 
 
-@hookimpl
-def reactor_register_actions(register: Register) -> None:
-    """Register ``webhook``."""
-    register(WEBHOOK)
+class Plugin:
+    """The built-in plugin: ``webhook`` with HTTP clients this instance owns and closes."""
 
+    def __init__(self) -> None:
+        self.clients = HttpClients()
+        self.action_type = make_webhook(self.clients)
 
-@hookimpl
-def reactor_shutdown() -> Any:
-    """Close the shared HTTP clients."""
-    return aclose_shared_clients()
+    @hookimpl
+    def reactor_register_actions(self, register: Register) -> None:
+        """Register ``webhook``."""
+        register(self.action_type)
+
+    @hookimpl
+    def reactor_shutdown(self) -> Any:
+        """Close this instance's HTTP clients."""
+        return self.clients.aclose()

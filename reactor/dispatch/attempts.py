@@ -211,6 +211,7 @@ class Runner:
             settings=self.settings,
             vm=self.vm_lookup(inv.vm) if inv.vm else None,
             emit=None if emit is None else (lambda name, data: emit(inv.vm, name, data)),
+            redact=self.redact,
         )
 
     def _will_retry(self, inv: Invocation, started: float, state: RetryCallState) -> None:

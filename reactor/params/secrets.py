@@ -7,8 +7,11 @@ parameter is rendered. References are found in the rule's own text only:
 ``reactor.params.templates`` rewrites each into a call before compiling, so a guest
 that writes ``${env:SECRET}`` into an event field gets it back literally.
 
-Every value read is remembered by a ``Redactor``; logs and error messages go
-through ``redact`` so the value shows as ``***``.
+Every value read is remembered by the resolver's ``Redactor``; logs and error
+messages go through it, so the value shows as ``***``. A redactor belongs to
+whoever renders and logs (a ``Reactor`` makes one and passes it to its
+renderer, its dispatcher, the actions and the log filter); there is no
+process-wide one, so a fresh reactor starts with nothing to mask.
 """
 
 from __future__ import annotations
@@ -108,22 +111,16 @@ class Redactor:
         return text
 
 
-REDACTOR = Redactor()
-"""The process-wide redactor: secrets resolved anywhere are masked everywhere."""
-
-
-def redact(text: str) -> str:
-    """``text`` with every secret resolved so far in this process masked."""
-    return REDACTOR.redact(text)
-
-
 class SecretResolver:
-    """Reads referenced secrets at run time and hands each value to a redactor."""
+    """Reads referenced secrets at run time and hands each value to its redactor.
+
+    Without ``redactor`` the resolver makes one of its own (``self.redactor``).
+    """
 
     def __init__(
         self, redactor: Redactor | None = None, environ: Mapping[str, str] | None = None
     ) -> None:
-        self.redactor = REDACTOR if redactor is None else redactor
+        self.redactor = Redactor() if redactor is None else redactor
         self.environ = environ
 
     def resolve(self, kind: str, ref: str) -> str:
@@ -154,11 +151,11 @@ class SecretResolver:
 
 
 class RedactingFilter(logging.Filter):
-    """A logging filter that masks secrets in each record's final message."""
+    """A logging filter that masks ``redactor``'s secrets in each record's final message."""
 
-    def __init__(self, redactor: Redactor | None = None) -> None:
+    def __init__(self, redactor: Redactor) -> None:
         super().__init__()
-        self.redactor = REDACTOR if redactor is None else redactor
+        self.redactor = redactor
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Render the message, mask it, and keep the record."""

@@ -65,6 +65,9 @@ class ActionContext:
     emit: Callable[[str, dict[str, Any]], None] | None = None
     """Raise a synthetic event (e.g. REACTOR_RESTART_SUPPRESSED) for the event's VM."""
     dry_run: bool = False
+    redact: Callable[[str], str] = str
+    """Mask the secrets resolved so far (the reactor's redactor): use it on any text an
+    action shows (errors, logs, results) that may quote a rendered parameter."""
 
 
 @dataclass(frozen=True, slots=True)

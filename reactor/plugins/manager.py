@@ -9,6 +9,7 @@ core code never calls the untyped ``pm.hook`` relay.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import importlib.metadata
@@ -17,6 +18,7 @@ import inspect
 import logging
 import re
 import sys
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +28,7 @@ from typing import Any, Literal
 import pluggy
 from pydantic import BaseModel
 
-from reactor.errors import PluginError
+from reactor.errors import Location, PluginError
 from reactor.model import Envelope
 from reactor.plugins import hookspecs
 from reactor.plugins.api import ActionType
@@ -85,20 +87,73 @@ def make_plugin_manager(
 
     ``blocked`` names (a built-in's module name, an entry point's name, a file's
     stem) are never registered. A plugin that fails to import raises PluginError
-    naming the module, distribution or file, with the cause chained.
+    naming the module, distribution or file (``FILE:LINE`` for a file), with the
+    cause chained; so does a hook implementation no hook specification knows
+    (a misspelt hook would otherwise never be called).
     """
     pm = ReactorPluginManager()
     for name in blocked:
         pm.set_blocked(name)
     for module_name in BUILTIN_PLUGINS:
-        pm.register_from(
-            importlib.import_module(module_name), module_name, PluginOrigin("builtin", module_name)
-        )
+        pm.register_from(_builtin(module_name), module_name, PluginOrigin("builtin", module_name))
     if load_entry_points:
         _load_entry_points(pm)
     for directory in plugin_dirs:
         _load_directory(pm, Path(directory))
+    _check_pending(pm)
     return pm
+
+
+def _builtin(module_name: str) -> object:
+    """A built-in plugin: a fresh ``Plugin()`` when its module keeps state, else the module.
+
+    State kept by a plugin instance (a restart guard, HTTP clients) is then
+    owned by this manager alone: a fresh manager starts fresh.
+    """
+    module = importlib.import_module(module_name)
+    factory = getattr(module, "Plugin", None)
+    return factory() if factory is not None else module
+
+
+def _check_pending(pm: ReactorPluginManager) -> None:
+    """pluggy's ``check_pending``, its error located at the misspelt hook and named."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as err:
+        name = pm.get_name(err.plugin) or repr(err.plugin)
+        located = _unknown_hook(pm, name, err.plugin)
+        raise located or PluginError(f"plugin {name!r}: {err}") from err
+
+
+def _unknown_hook(pm: ReactorPluginManager, name: str, plugin: object) -> PluginError | None:
+    """The error for ``plugin``'s first implementation of a hook no specification declares."""
+    known = [hook for hook in dir(hookspecs) if hook.startswith("reactor_")]
+    for hook, caller in vars(pm.hook).items():
+        if not isinstance(caller, pluggy.HookCaller) or caller.spec is not None:
+            continue
+        for impl in caller.get_hookimpls():
+            if impl.plugin is not plugin or impl.optionalhook:
+                continue
+            close = difflib.get_close_matches(hook, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            message = f"plugin {name!r} implements unknown hook {hook!r}{hint}"
+            return PluginError(message, _where_defined(impl.function))
+    return None
+
+
+def _where_defined(function: object) -> Location:
+    """The file and line of ``function``'s ``def`` (past its decorators)."""
+    code = getattr(getattr(function, "__func__", function), "__code__", None)
+    if code is None:
+        return Location(repr(function))
+    try:
+        lines, first = inspect.getsourcelines(code)
+    except (OSError, TypeError):
+        return Location(code.co_filename, code.co_firstlineno)
+    offset = next(
+        (i for i, line in enumerate(lines) if line.lstrip().startswith(("def ", "async def "))), 0
+    )
+    return Location(code.co_filename, first + offset)
 
 
 def _load_entry_points(pm: ReactorPluginManager) -> None:
@@ -140,8 +195,26 @@ def import_file(path: Path) -> ModuleType:
         spec.loader.exec_module(module)
     except Exception as err:
         del sys.modules[module_name]
-        raise PluginError(f"plugin file {path} failed to import: {err!r}") from err
+        raise PluginError(f"plugin failed to import: {_reason(err)}", _where(path, err)) from err
     return module
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, SyntaxError):
+        return f"{type(err).__name__}: {err.msg}"
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+
+
+def _where(path: Path, err: Exception) -> Location:
+    """Where in ``path`` ``err`` arose: the syntax error, else the innermost frame in the file."""
+    real = path.resolve()
+    if isinstance(err, SyntaxError) and err.filename and Path(err.filename).resolve() == real:
+        return Location(str(path), err.lineno or 0, err.offset or 0)
+    line = 0
+    for frame in traceback.extract_tb(err.__traceback__):
+        if Path(frame.filename).resolve() == real:
+            line = frame.lineno or 0
+    return Location(str(path), line)
 
 
 class Plugins:

@@ -25,6 +25,7 @@ from reactor.clock import AsyncioClock
 from reactor.dispatch.journal import default_state_dir
 from reactor.errors import ConfigError, UserError
 from reactor.model import Envelope
+from reactor.params.secrets import Redactor
 from reactor.plugins.hookspecs import ActionOutcome
 from reactor.plugins.manager import Plugins, load_plugins
 from reactor.rules.compiler import require_rules
@@ -41,7 +42,6 @@ from reactor.service.metrics import (
 from reactor.service.permissions import config_paths_warnings
 from reactor.service.reactor import Reactor, refrozen, tune_for_serving
 from reactor.sources.manager import ConnectionManager
-from reactor.sources.session import READ_PACE
 
 log = logging.getLogger("reactor.service.daemon")
 events_log = logging.getLogger("reactor.event")
@@ -106,7 +106,8 @@ class Daemon:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
         self.cfg = effective_config(opts)
-        setup_logging(verbose=self.cfg.verbose, fmt=self.cfg.log_format)
+        self.redactor = Redactor()  # the reactor's secrets, masked in every log line
+        setup_logging(verbose=self.cfg.verbose, fmt=self.cfg.log_format, redactor=self.redactor)
         self.state_dir = Path(self.cfg.state_dir) if self.cfg.state_dir else default_state_dir()
         for warning in config_paths_warnings(self.cfg, opts.config, self.state_dir):
             log.warning("%s", warning)  # before any plugin code runs
@@ -215,12 +216,11 @@ class Daemon:
             on_outcome=self._on_outcome,
             vm_lookup=self.conns.get,
             emit=self._emit,
+            redactor=self.redactor,
         )
         await self.plugins.startup(cfg.actions.settings())
         await self.reactor.start()
-        READ_PACE.set(
-            self.reactor.backpressure
-        )  # inherited by every connection task made from here
+        self.conns.pace = self.reactor.backpressure  # overload slows the readers down
         self.metrics_server = await start_metrics_server(self.metrics, cfg.metrics)
         names = cfg.vm_names()
         for address in cfg.qmp:

@@ -16,7 +16,6 @@ from typing import Any
 from reactor.dispatch.dispatcher import Dispatcher
 from reactor.engine.replay import DryRunWriter, open_inputs, replay
 from reactor.model import Firing
-from reactor.params.secrets import redact
 from reactor.plugins.api import ActionSettings
 from reactor.plugins.hookspecs import ActionOutcome
 from reactor.rules.ruleset import RuleSet
@@ -40,13 +39,14 @@ async def _run_all(
         plugins.action_outcome(outcome)
 
     acts = Config().actions
+    render = Renderer()
     dispatcher = Dispatcher(
         action_types=plugins.action_types(),
         settings=settings,
-        render=Renderer(),
+        render=render,
         journal=None,
         on_outcome=report,
-        redact=redact,
+        redact=render.resolver.redactor.redact,
         default_retry=acts.retry.policy(),
         default_timeout=acts.timeout,
         max_concurrency=acts.max_concurrency,

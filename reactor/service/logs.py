@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from reactor.params.secrets import RedactingFilter
+from reactor.params.secrets import RedactingFilter, Redactor
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,14 +31,17 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(obj, default=str).decode()
 
 
-def setup_logging(*, verbose: bool, fmt: str, stream: Any = None) -> None:
-    """Configure the root logger once: INFO (DEBUG with ``verbose``), text or JSON."""
+def setup_logging(*, verbose: bool, fmt: str, redactor: Redactor, stream: Any = None) -> None:
+    """Configure the root logger once: INFO (DEBUG with ``verbose``), text or JSON.
+
+    Every line is masked by ``redactor`` (the one the reactor's secrets resolve into).
+    """
     handler = logging.StreamHandler(stream or sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactingFilter())
+    handler.addFilter(RedactingFilter(redactor))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

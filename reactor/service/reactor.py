@@ -28,7 +28,7 @@ from reactor.dispatch.journal import Invocation, Journal, journal_path
 from reactor.engine.core import Engine
 from reactor.errors import PermanentActionError
 from reactor.model import Envelope
-from reactor.params.secrets import SecretResolver, redact
+from reactor.params.secrets import Redactor, SecretResolver
 from reactor.params.templates import (
     CompiledParams,
     compile_params,
@@ -96,8 +96,10 @@ class Renderer:
                 for e in err.errors(include_url=False, include_input=False)
             )
             raise PermanentActionError(
-                redact(f"{kind.name}: rendered parameters are invalid: {details}")
-            ) from None
+                self.resolver.redactor.redact(
+                    f"{kind.name}: rendered parameters are invalid: {details}"
+                )
+            ) from None  # the cause quotes rendered values, which may hold secrets
 
 
 SWITCH_INTERVAL = 0.0005
@@ -175,8 +177,12 @@ class Reactor:
         vm_lookup: Callable[[str], VmControl | None] = lambda vm: None,
         emit: Callable[[str, str, dict[str, Any]], None] | None = None,
         sleep: Any = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self.config = config
+        self.redactor = Redactor() if redactor is None else redactor
+        """Masks the secrets this reactor resolved, in errors, actions and (given to the
+        log set-up) log lines."""
         self.journal = (
             Journal(journal_path(state_dir), exclusive=True) if state_dir is not None else None
         )
@@ -185,12 +191,12 @@ class Reactor:
         self.dispatcher = Dispatcher(
             action_types=action_types,
             settings=settings or acts.settings(),
-            render=Renderer(),
+            render=Renderer(SecretResolver(self.redactor)),
             journal=self.journal,
             vm_lookup=vm_lookup,
             emit=emit or self.emit_local,
             on_outcome=on_outcome,
-            redact=redact,
+            redact=self.redactor.redact,
             default_retry=acts.retry.policy(),
             default_timeout=acts.timeout,
             max_concurrency=acts.max_concurrency,

@@ -28,7 +28,7 @@ from qemu.qmp import QMPError
 
 from reactor.sources import server as listen_mode
 from reactor.sources.discovery import default_vm_name, parse_address, scan_globs
-from reactor.sources.session import MAX_MESSAGE, QmpLink
+from reactor.sources.session import MAX_MESSAGE, Pace, QmpLink
 from reactor.sources.vm import OnEnvelope, OnState, SessionFailed, VmConnection
 
 __all__ = ["ConnectionManager", "VmConnection"]
@@ -46,8 +46,10 @@ class ConnectionManager:
     """All QMP connections of the sidecar, each one its own task.
 
     ``names`` maps addresses to VM names (else a socket's stem, or in server mode
-    QEMU's ``-name``); ``on_state(vm, connected)`` hears every (dis)connect.
-    ``add`` needs a running event loop.
+    QEMU's ``-name``); ``on_state(vm, connected)`` hears every (dis)connect;
+    ``pace`` is asked before each event (``reactor.sources.session.Pace``; may be
+    set later, e.g. once the reactor it protects exists). ``add`` needs a
+    running event loop.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class ConnectionManager:
         backoff_max: float = 2.0,
         on_state: OnState | None = None,
         max_message: int = MAX_MESSAGE,
+        pace: Pace | None = None,
     ) -> None:
         self._on_envelope = on_envelope
         self._names = dict(names or {})
@@ -67,12 +70,25 @@ class ConnectionManager:
             "backoff_max": backoff_max,
             "max_message": max_message,
             "on_state": on_state,
+            "pace": pace,
         }
         self._conns: dict[str, VmConnection] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._by_name: dict[str, VmConnection] = {}
         self._glob_owned: set[str] = set()
         self._seqs: OrderedDict[str, int] = OrderedDict()
+
+    @property
+    def pace(self) -> Pace | None:
+        """What each connection asks before delivering an event (None: never wait)."""
+        pace: Pace | None = self._options["pace"]
+        return pace
+
+    @pace.setter
+    def pace(self, pace: Pace | None) -> None:
+        self._options["pace"] = pace
+        for vm in self._conns.values():
+            vm.pace = pace  # taken by each connection's next session
 
     # -- lookup -----------------------------------------------------------------------
 

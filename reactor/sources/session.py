@@ -10,6 +10,9 @@ replies still take the library's normal route, so ``execute`` works unchanged.
 
 The read buffer is bounded by ``max_message``: a longer line ends the session
 (``ValueError`` from the stream reader) instead of being buffered.
+
+What a link needs it is given (its sink and pace by ``release``); nothing here
+is module-level state, so links in one process share nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from contextvars import ContextVar
 from typing import Any
 
 import orjson
@@ -38,25 +40,38 @@ MAX_MESSAGE = 1 << 20
 BURST = 32
 """Events of one VM handled before the loop turns to the others (a flood must not starve them)."""
 
-READ_PACE: ContextVar[Callable[[], asyncio.Event | None] | None] = ContextVar(
-    "read_pace", default=None
-)
+Pace = Callable[[], asyncio.Event | None]
 """Asked before each event of an announced session: None to deliver it, else an
 ``asyncio.Event`` to wait for first (the consumer is overloaded). Replies and the
-events of a session being opened are never held.
-
-Set it before the connections start (``Daemon`` sets ``Reactor.backpressure``);
-their tasks inherit it, so the connection layers in between need not carry it.
+events of a session being opened are never held. The daemon's is
+``Reactor.backpressure``, given to the ``ConnectionManager`` as its ``pace``.
 """
 
 HOLD_MAX = 10_000
 """Events kept while a session is being announced; older ones are dropped past this."""
 
-# qemu.qmp logs every failed attempt and every ended session at ERROR; our own
-# logger says the same once per state change, so the library's copy stays quiet
-# unless an operator turns it up to trace the wire.
-WIRE_LOG = logging.getLogger("reactor.qmp.wire")
-WIRE_LOG.setLevel(logging.CRITICAL)
+WIRE_LOGGER = "reactor.qmp.wire"
+
+
+class _WireLog(logging.Logger):
+    """The library's log of one link: quiet unless the operator set ``reactor.qmp.wire``'s level.
+
+    qemu.qmp logs every failed attempt and every ended session at ERROR; our own
+    logger says the same once per state change, so the library's copy passes only
+    when the ``reactor.qmp.wire`` logger was given a level of its own (to trace
+    the wire); its records then go to that logger's handlers and up. Nothing is
+    set on any logger at import.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(WIRE_LOGGER)
+        self.wire = logging.getLogger(WIRE_LOGGER)
+        self.parent = self.wire
+
+    def isEnabledFor(self, level: int) -> bool:
+        """Whether the operator set the wire logger's own level at or below ``level``."""
+        own = self.wire.level
+        return own != logging.NOTSET and level >= own and self.wire.isEnabledFor(level)
 
 
 def _loads(raw: bytes) -> Any:
@@ -97,16 +112,21 @@ class QmpLink(QMPClient):
 
     def __init__(self, max_message: int = MAX_MESSAGE) -> None:
         super().__init__(None, max_message)
-        self.logger = WIRE_LOG
+        self.logger = _WireLog()
         self.sink: EventSink | None = None
+        self.pace: Pace | None = None
         self.held: deque[tuple[RawEvent, float]] = deque(maxlen=HOLD_MAX)
         self.dropped = 0
 
-    def release(self, sink: EventSink) -> None:
-        """Deliver the held events to ``sink``, then send every new event there."""
+    def release(self, sink: EventSink, pace: Pace | None = None) -> None:
+        """Deliver the held events to ``sink``, then send every new event there.
+
+        From now on each event first asks ``pace`` whether to wait (see ``Pace``).
+        """
         held, self.held = self.held, deque(maxlen=HOLD_MAX)
         for obj, received in held:
             sink(obj, received)
+        self.pace = pace
         self.sink = sink
 
     @property
@@ -138,7 +158,6 @@ class QmpLink(QMPClient):
 
     async def _do_recv(self) -> Message:
         burst = 0
-        pace = READ_PACE.get()
         while True:
             if burst >= BURST:
                 # A line already buffered is read without a pause: let the other VMs in.
@@ -164,6 +183,7 @@ class QmpLink(QMPClient):
             if sink is None:
                 self._hold(obj, received)
                 continue
+            pace = self.pace
             if pace is not None and (gate := pace()) is not None:
                 await gate.wait()  # overloaded: this event waits, and what follows it in the socket
             sink(obj, received)

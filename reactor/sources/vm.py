@@ -31,7 +31,7 @@ from reactor.errors import PermanentActionError, TransientActionError
 from reactor.model import Envelope
 from reactor.sources.caused_by import Expectations
 from reactor.sources.discovery import TcpAddress, socket_identity
-from reactor.sources.session import MAX_MESSAGE, QmpLink, RawEvent, describe, discard
+from reactor.sources.session import MAX_MESSAGE, Pace, QmpLink, RawEvent, describe, discard
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,11 @@ class VmConnection:
         max_message: int = MAX_MESSAGE,
         on_state: OnState | None = None,
         seq: int = 0,
+        pace: Pace | None = None,
     ) -> None:
         self.address = address
+        self.pace = pace
+        """Asked before each event of a session (``reactor.sources.session.Pace``)."""
         self.name = name
         self.seq = seq
         self.connected = False
@@ -222,7 +225,7 @@ class VmConnection:
         }
         log.info("%s: connected to %s (%s)", self.name, self.address, data["status"])
         self.emit("REACTOR_CONNECTED", data)
-        link.release(self._on_event)
+        link.release(self._on_event, self.pace)
         self._tell_state(True)
 
     def _end(self, link: QmpLink, reason: str) -> None:
