@@ -36,6 +36,16 @@ async def mark(params, ctx):
 @hookimpl
 def reactor_register_actions(register):
     register(ActionType(name="mark", params=MarkParams, run=mark))
+
+@hookimpl
+def reactor_startup(settings):
+    with open(r"{lifecycle}", "a") as out:
+        out.write("start\\n")
+
+@hookimpl
+def reactor_shutdown():
+    with open(r"{lifecycle}", "a") as out:
+        out.write("stop\\n")
 """
 
 
@@ -79,7 +89,7 @@ def marks(path: Path) -> list[str]:
 
 
 def test_a_new_drop_in_action_type_works_after_sighup(tmp_path: Path) -> None:
-    plugins, out = tmp_path / "plugins", tmp_path / "marks"
+    plugins, out, lifecycle = tmp_path / "plugins", tmp_path / "marks", tmp_path / "lifecycle"
     plugins.mkdir()
     rules = write_rules(tmp_path / "rules.yaml", _rule("seen", "STOP", "log", {}))
     with ThrowawayQemu(name="vm1", extra_qmp=["vm1"]) as q:
@@ -88,14 +98,14 @@ def test_a_new_drop_in_action_type_works_after_sighup(tmp_path: Path) -> None:
         with Sidecar(tmp_path, config).start() as sidecar:
             sidecar.wait_log("vm1 REACTOR_CONNECTED")
             # A drop-in type and a rule that uses it, in one reload.
-            write_plugin(plugins, "mark", MARK_PLUGIN.format(broken=True))
+            write_plugin(plugins, "mark", MARK_PLUGIN.format(broken=True, lifecycle=lifecycle))
             write_rules(rules, _rule("marked", "STOP", "mark", {"path": str(out)}))
             assert "1 rules" in reload(sidecar, "reloaded:", 0)
             q.qmp.execute("stop")
             sidecar.wait_log(r"mark failed rule=marked vm=vm1 .*broken in this version")
 
             # A new version of the plugin: the dead letter sent back runs on it.
-            write_plugin(plugins, "mark", MARK_PLUGIN.format(broken=False))
+            write_plugin(plugins, "mark", MARK_PLUGIN.format(broken=False, lifecycle=lifecycle))
             reload(sidecar, "reloaded:", 1)
             dead = _dlq(tmp_path, "list", "--json")
             assert [d["action"] for d in json.loads(dead)] == ["mark"]
@@ -105,6 +115,8 @@ def test_a_new_drop_in_action_type_works_after_sighup(tmp_path: Path) -> None:
             q.qmp.execute("stop")
             wait_for(lambda: marks(out) == ["STOP", "STOP"], "a second mark", sidecar)
             assert sidecar.stop() == 0
+    # Each copy of the plugin file started and stopped once, the old one before the new one.
+    assert marks(lifecycle) == ["start", "stop", "start", "stop"]
     assert "unknown action type" not in sidecar.log_text()
     assert "Traceback" not in sidecar.log_text()
 

@@ -1,14 +1,17 @@
 """``qmp-reactor run``: the sidecar's main loop.
 
-It loads plugins, rules and configuration (any error stops it before it
-starts, with every problem located; files other users can write are warned
-about first), opens the journal, resumes unfinished actions, serves metrics
-and /healthz (``reactor.service.metrics``), connects to every VM, and feeds their
-events to the engine. A listener that cannot bind stops it at start. Signal
-handlers only set flags (uvicorn's way); the loop acts on them: SIGTERM/SIGINT
-stop gracefully (no new actions, in-flight ones get ``shutdown_grace``, the rest
-stay in the journal), SIGHUP reloads rules and configuration atomically (an
-invalid new set is reported and the old one keeps running).
+Signal handlers go in first and only set flags (uvicorn's way); the loop acts
+on them. Then it loads one generation (``reactor.service.generation``: any
+error stops it before it starts, with every problem located; files other users
+can write are warned about first), opens the journal, resumes unfinished
+actions, serves metrics and /healthz (``reactor.service.metrics``), connects to
+every VM, and feeds their events to the engine. A listener that cannot bind
+stops it at start. SIGTERM/SIGINT stop gracefully (no new actions, in-flight
+ones get ``shutdown_grace``, the rest stay in the journal). SIGHUP loads a new
+generation and swaps it in whole: rules, action types, settings, plugins,
+connections (added and removed to match), the metrics listener; or refuses,
+saying why (an error, or a setting only a restart applies), and the old one
+keeps running.
 """
 
 from __future__ import annotations
@@ -268,17 +271,20 @@ class Daemon:
         return await start_metrics_server(self.metrics, new.config.metrics)
 
     async def _restart_plugins(self, old: Generation, new: Generation) -> None:
-        """Shut the old plugins down and start the new ones; on failure the old ones again.
+        """Stop the plugins only the old generation has, start those only the new one has;
+        if one fails to start, the old ones again.
 
-        One after the other, never both at once: a plugin installed as a package is
-        the same module object in both generations.
+        A built-in or a plugin installed as a package is the same module in both
+        generations: it keeps running, untouched. A file in a plugin directory is
+        imported afresh, so its old copy stops before its new one starts.
         """
-        await old.plugins.shutdown()
+        kept = [p for p in new.plugins.plugin_objects() if _has(old, p)]
+        await old.plugins.shutdown(skip=kept)
         try:
-            await new.plugins.startup(new.settings)
+            await new.plugins.startup(new.settings, skip=kept)
         except PluginError:
-            await new.plugins.shutdown()
-            await old.plugins.startup(old.settings)
+            await new.plugins.shutdown(skip=kept)
+            await old.plugins.startup(old.settings, skip=kept)
             raise
 
     async def _swap(self, old: Generation, new: Generation, server: MetricsServer | None) -> None:
@@ -346,6 +352,10 @@ class Daemon:
             await self.reactor.stop(grace)
         await self.gen.plugins.shutdown()
         log.info("stopped")
+
+
+def _has(gen: Generation, plugin: object) -> bool:
+    return any(p is plugin for p in gen.plugins.plugin_objects())
 
 
 def _warn(diagnostic: Diagnostic) -> None:
