@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from reactor.cli._common import load_action_types
 from reactor.plugins.api import ActionSettings
+from reactor.plugins.manager import load_plugins
 from reactor.rules.compiler import load_rules
 
 
@@ -18,14 +18,9 @@ def problems(tmp_path: Path, text: str, *, raw: bytes | None = None) -> list[str
         f.write_bytes(raw)
     else:
         f.write_text(textwrap.dedent(text))
-    types, _ = load_action_types(_Args())
+    types = load_plugins(plugin_dirs=(), load_entry_points=False).action_types()
     _, diags = load_rules([f], action_types=types, settings=ActionSettings())
     return [f"{d.location.line}:{d.location.col}: {d.severity}: {d.message}" for d in diags]
-
-
-class _Args:
-    plugin_dir = [str(Path(__file__).parent / "no-plugins")]
-    block_plugin: list[str] = []
 
 
 def test_a_valid_rule_compiles(tmp_path: Path) -> None:

@@ -1,24 +1,12 @@
-"""What several commands share: default paths, plugin loading, diagnostics output."""
+"""What several commands share: the plugin flags, diagnostics output."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
 from reactor.errors import Diagnostic
-from reactor.service.loader import bundled_rules, rule_paths
-
-__all__ = [
-    "add_plugin_args",
-    "bundled_rules",
-    "load_action_types",
-    "print_diagnostics",
-    "rule_paths",
-]
-from reactor.plugins.api import ActionSettings, ActionType
 
 
 def add_plugin_args(parser: argparse.ArgumentParser) -> None:
@@ -38,18 +26,6 @@ def add_plugin_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_action_types(
-    args: argparse.Namespace, extra_dirs: Iterable[Path] = ()
-) -> tuple[Mapping[str, ActionType], Any]:
-    """The registered action types and the plugin host, loaded as the flags say."""
-    from reactor.plugins.manager import load_plugins
-
-    dirs = [Path(d) for d in (getattr(args, "plugin_dir", None) or ["plugins"])]
-    dirs.extend(extra_dirs)
-    plugins = load_plugins(plugin_dirs=tuple(dirs), blocked=tuple(args.block_plugin or ()))
-    return plugins.action_types(), plugins
-
-
 def qemu_version_arg(text: str) -> str:
     """``--qemu VERSION``: a QEMU version such as 7.2 or 7.2.0 (argparse says what is wrong)."""
     from reactor.rules.catalog import parse_release
@@ -57,11 +33,6 @@ def qemu_version_arg(text: str) -> str:
     if parse_release(text) is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a QEMU version (e.g. 7.2 or 7.2.0)")
     return text.strip()
-
-
-def default_settings() -> ActionSettings:
-    """Action settings when no configuration file is given."""
-    return ActionSettings()
 
 
 def print_diagnostics(diags: Sequence[Diagnostic], *, strict: bool = False) -> int:

@@ -6,17 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from reactor.cli._common import (
-    add_plugin_args,
-    default_settings,
-    load_action_types,
-    print_diagnostics,
-    qemu_version_arg,
-    rule_paths,
-)
-from reactor.rules.compiler import load_rules
-from reactor.service.config import load_config
-from reactor.service.permissions import obeyed_paths_warnings
+from reactor.cli._common import add_plugin_args, print_diagnostics, qemu_version_arg
+from reactor.errors import Diagnostic, RuleError
+from reactor.service.generation import Options, load_generation
 
 
 def register(sub: Any) -> None:
@@ -47,25 +39,22 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the rules; 0 when all is well, 1 on any error."""
-    cfg = load_config(args.config) if args.config is not None else None
-    if cfg is not None and not args.plugin_dir:
-        args.plugin_dir = list(cfg.plugin_dirs)
-    paths = rule_paths(args.paths or (cfg.rules if cfg is not None else None))
-    # Before any plugin code runs: a plugin others can write is worth knowing about first.
-    warnings = obeyed_paths_warnings(
-        config_file=args.config,
-        rules=paths,
-        plugin_dirs=[Path(d) for d in (args.plugin_dir or ["plugins"])],
+    opts = Options(
+        config=args.config,
+        rules=args.paths or None,
+        plugin_dirs=args.plugin_dir,
+        block_plugins=args.block_plugin,
+        qemu_versions=args.qemu or [],
     )
-    action_types, _ = load_action_types(args)
-    settings = cfg.actions.settings() if cfg is not None else default_settings()
-    versions = args.qemu or (cfg.qemu_versions if cfg is not None else [])
-    ruleset, diags = load_rules(
-        paths, action_types=action_types, settings=settings, qemu_versions=versions
-    )
-    errors = print_diagnostics([*warnings, *diags], strict=args.strict)
-    if errors:
+    warnings: list[Diagnostic] = []  # files others can write: found before any plugin runs
+    try:
+        gen = load_generation(opts, report=warnings.append)
+    except RuleError as err:
+        print_diagnostics([*warnings, *err.diagnostics], strict=args.strict)
         return 1
-    files = {r.location.file for r in ruleset.rules}
-    print(f"ok: {len(ruleset)} rules in {len(files)} files")
+    diags = [*warnings, *gen.diagnostics]
+    if print_diagnostics(diags, strict=args.strict):
+        return 1
+    files = {r.location.file for r in gen.rules.rules}
+    print(f"ok: {len(gen.rules)} rules in {len(files)} files")
     return 0

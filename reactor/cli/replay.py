@@ -6,18 +6,10 @@ import argparse
 import sys
 from typing import Any
 
-from reactor.cli._common import (
-    add_plugin_args,
-    default_settings,
-    load_action_types,
-    print_diagnostics,
-    qemu_version_arg,
-    rule_paths,
-)
+from reactor.cli._common import add_plugin_args, print_diagnostics, qemu_version_arg
 from reactor.engine.replay import DryRunWriter, open_inputs, replay
-from reactor.errors import RuleError
 from reactor.model import Envelope, Rule
-from reactor.rules.compiler import load_rules
+from reactor.service.generation import Options, load_generation
 
 
 def register(sub: Any) -> None:
@@ -62,22 +54,18 @@ def _explain_event(env: Envelope) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Replay; exit 1 if a line was malformed or rules are invalid."""
-    action_types, plugins = load_action_types(args)
-    settings = default_settings()
-    ruleset, diags = load_rules(
-        rule_paths(args.rules), action_types=action_types, settings=settings
+    gen = load_generation(
+        Options(rules=args.rules, plugin_dirs=args.plugin_dir, block_plugins=args.block_plugin)
     )
-    if any(d.severity == "error" for d in diags):
-        raise RuleError("invalid rules", diags)
-    print_diagnostics(diags)
+    print_diagnostics(gen.diagnostics)
     if args.execute:
         from reactor.service.execute import execute_replay
 
-        return execute_replay(args, ruleset, plugins, settings)
+        return execute_replay(args, gen)
 
     result = replay(
         open_inputs(args.events),
-        ruleset,
+        gen.rules,
         sink=DryRunWriter(sys.stdout),
         qemu_stage=not args.no_qemu_stage,
         qemu_version=args.qemu,

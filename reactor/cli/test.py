@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reactor.cli._common import add_plugin_args, load_action_types, print_diagnostics
+from reactor.cli._common import add_plugin_args, print_diagnostics
 from reactor.errors import UserError
 
 if TYPE_CHECKING:
@@ -44,7 +44,13 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         print(f"qmp-reactor: error: no test files (*_test.yaml) in {_names(args.paths)}")
         return 2
-    action_types, _ = load_action_types(args)
+    from reactor.plugins.manager import load_plugins
+
+    plugins = load_plugins(
+        plugin_dirs=[Path(d) for d in (args.plugin_dir or ["plugins"])],
+        blocked=args.block_plugin or (),
+    )
+    action_types = plugins.action_types()
     results: list[tuple[Path, list[Outcome], float]] = []
     malformed = 0
     for path in files:

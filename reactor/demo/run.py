@@ -25,9 +25,7 @@ from reactor.demo.machine import ThrowawayQemu, qemu_binary
 from reactor.engine.replay import open_inputs, replay
 from reactor.model import Envelope
 from reactor.plugins.hookspecs import ActionOutcome
-from reactor.plugins.manager import load_plugins
-from reactor.rules.compiler import require_rules
-from reactor.service.config import Config
+from reactor.service.generation import Generation, Options, load_generation
 from reactor.service.loader import bundled_rules
 from reactor.service.reactor import Reactor
 from reactor.sources.manager import ConnectionManager
@@ -84,16 +82,21 @@ async def _drive(q: ThrowawayQemu, say: Callable[[str], None]) -> None:
     await asyncio.sleep(1.0)
 
 
+def demo_generation() -> Generation:
+    """The default rules with the built-in actions only (no plugins of the host)."""
+    only_builtins = Options(rules=[str(bundled_rules())], plugin_dirs=[], entry_points=False)
+    return load_generation(only_builtins)
+
+
 async def live_demo(out: TextIO) -> int:
     """The live demo on a throwaway QEMU; returns the exit status."""
     n = Narrator(out)
-    plugins = load_plugins(plugin_dirs=(), load_entry_points=False)
-    rules, _ = require_rules([bundled_rules()], action_types=plugins.action_types())
-    n.say(f"qmp-reactor demo: {len(rules)} default rules, a throwaway QEMU with a quorum disk")
+    gen = demo_generation()
+    n.say(f"qmp-reactor demo: {len(gen.rules)} default rules, a throwaway QEMU with a quorum disk")
     with ThrowawayQemu(name=VM, extra_qmp=[VM], quorum=True) as q:
         state = Path(tempfile.mkdtemp(prefix="qmp-reactor-demo-"))
         try:
-            await _run(q, rules, plugins, state, n)
+            await _run(q, gen, state, n)
         finally:
             shutil.rmtree(state, ignore_errors=True)
     fired = sorted({o.rule for o in n.outcomes if o.status == "ok"})
@@ -102,7 +105,7 @@ async def live_demo(out: TextIO) -> int:
     return 0 if fired else 1
 
 
-async def _run(q: ThrowawayQemu, rules: Any, plugins: Any, state: Path, n: Narrator) -> None:
+async def _run(q: ThrowawayQemu, gen: Generation, state: Path, n: Narrator) -> None:
     reactor: Reactor | None = None
 
     def feed(env: Envelope) -> None:
@@ -110,10 +113,8 @@ async def _run(q: ThrowawayQemu, rules: Any, plugins: Any, state: Path, n: Narra
         reactor.feed(env)
 
     conns = ConnectionManager(feed, backoff_max=0.5)
-    reactor = Reactor(
-        config=Config(),
-        rules=rules,
-        action_types=plugins.action_types(),
+    reactor = Reactor.for_generation(
+        gen,
         clock=AsyncioClock(),
         state_dir=state,
         observe=n.event,
@@ -142,8 +143,7 @@ def recorded_demo(out: TextIO, *, missing_qemu: bool = True) -> int:
         )
     else:
         print("The bundled recording of a real QEMU 7.2 through the default rules:", file=out)
-    plugins = load_plugins(plugin_dirs=(), load_entry_points=False)
-    rules, _ = require_rules([bundled_rules()], action_types=plugins.action_types())
+    rules = demo_generation().rules
     recording = resources.files("reactor").joinpath("data/events/recording.jsonl")
     with resources.as_file(recording) as path:
         result = replay(open_inputs([str(path)]), rules)

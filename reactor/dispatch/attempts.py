@@ -108,8 +108,29 @@ class Runner:
         self.sleep = sleep
         self.in_flight = 0
         self._deadlines = Deadlines()
+        self._limits: tuple[int, dict[str, int]] = (0, {})
         self._global = asyncio.Semaphore(max_concurrency)
-        self._per_type = {name: asyncio.Semaphore(n) for name, n in per_type_limits.items()}
+        self._per_type: dict[str, asyncio.Semaphore] = {}
+        self.limit(max_concurrency, per_type_limits)
+
+    def limit(self, max_concurrency: int, per_type_limits: Mapping[str, int]) -> None:
+        """Concurrency limits for attempts that start from now on.
+
+        Unchanged limits keep their semaphores; changed ones get new ones, and
+        attempts already running release the old ones they hold.
+        """
+        limits = (max_concurrency, dict(per_type_limits))
+        if limits == self._limits:
+            return
+        if max_concurrency != self._limits[0]:
+            self._global = asyncio.Semaphore(max_concurrency)
+        self._per_type = {
+            name: self._per_type[name]
+            if self._limits[1].get(name) == n and name in self._per_type
+            else asyncio.Semaphore(n)
+            for name, n in per_type_limits.items()
+        }
+        self._limits = limits
 
     async def run(self, inv: Invocation) -> None:
         """Run every attempt ``inv`` has left; it ends done or dead (or ``failed``)."""

@@ -116,6 +116,27 @@ class Dispatcher:
         self._started = False
         self._stopping = False
 
+    def reconfigure(
+        self,
+        *,
+        action_types: Mapping[str, ActionType],
+        settings: ActionSettings,
+        render: Render,
+        default_retry: RetryPolicy,
+        default_timeout: float,
+        max_concurrency: int,
+        per_type_limits: Mapping[str, int],
+    ) -> None:
+        """Use these from now on (a reload): firings accepted later get the new defaults;
+        an invocation looks its action type up when it starts, and every attempt
+        that starts later uses the new settings, renderer and limits."""
+        self.default_retry = default_retry
+        self.default_timeout = default_timeout
+        self._spec_cache.clear()
+        runner = self._runner
+        runner.action_types, runner.settings, runner.render = action_types, settings, render
+        runner.limit(max_concurrency, per_type_limits)
+
     @property
     def healthy(self) -> bool:
         """False while the journal cannot be written (the work waits in memory)."""

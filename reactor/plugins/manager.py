@@ -19,7 +19,7 @@ import logging
 import re
 import sys
 import traceback
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -253,9 +253,10 @@ class Plugins:
         """Tell every ``reactor_action_outcome`` observer; failures are logged."""
         self._observe("reactor_action_outcome", outcome=outcome)
 
-    async def startup(self, settings: Any) -> None:
-        """Run every ``reactor_startup`` hook; a failure raises PluginError naming it."""
-        for impl in self._impls("reactor_startup"):
+    async def startup(self, settings: Any, *, skip: Collection[object] = ()) -> None:
+        """Run every ``reactor_startup`` hook (not those of the plugin objects in ``skip``);
+        a failure raises PluginError naming it."""
+        for impl in self._impls("reactor_startup", skip):
             try:
                 result = _call(impl, settings=settings)
                 if inspect.isawaitable(result):
@@ -263,9 +264,10 @@ class Plugins:
             except Exception as err:
                 raise PluginError(f"plugin {impl.plugin_name!r} failed to start: {err}") from err
 
-    async def shutdown(self) -> None:
-        """Run every ``reactor_shutdown`` hook; failures are logged, the rest still run."""
-        for impl in self._impls("reactor_shutdown"):
+    async def shutdown(self, *, skip: Collection[object] = ()) -> None:
+        """Run every ``reactor_shutdown`` hook (not those of the plugin objects in ``skip``);
+        failures are logged, the rest still run."""
+        for impl in self._impls("reactor_shutdown", skip):
             try:
                 result = _call(impl)
                 if inspect.isawaitable(result):
@@ -273,10 +275,19 @@ class Plugins:
             except Exception:
                 log.exception("plugin %r failed to shut down", impl.plugin_name)
 
-    def _impls(self, hook: str) -> list[pluggy.HookImpl]:
+    def plugin_objects(self) -> list[object]:
+        """The registered plugins themselves (modules, mostly), in registration order."""
+        return [plugin for _, plugin in self.pm.list_name_plugin() if plugin is not None]
+
+    def _impls(self, hook: str, skip: Collection[object] = ()) -> list[pluggy.HookImpl]:
         # Hooks are called one implementation at a time, so wrappers have no call to wrap.
         impls = getattr(self.pm.hook, hook).get_hookimpls()
-        return [impl for impl in reversed(impls) if not (impl.wrapper or impl.hookwrapper)]
+        skipped = {id(plugin) for plugin in skip}
+        return [
+            impl
+            for impl in reversed(impls)
+            if not (impl.wrapper or impl.hookwrapper) and id(impl.plugin) not in skipped
+        ]
 
     def _observe(self, hook: str, **kwargs: Any) -> None:
         # One call per implementation, so a failing observer cannot skip the others.

@@ -52,11 +52,6 @@ class MarkedList(list[Any]):
         return self.item_locations[index]
 
 
-def location_of(value: Any, default: Location) -> Location:
-    """The location of a marked container, else ``default``."""
-    return getattr(value, "location", default)
-
-
 class _Unsure(Exception):
     """The fast parser met something whose location it may place differently."""
 

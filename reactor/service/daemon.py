@@ -1,14 +1,17 @@
 """``qmp-reactor run``: the sidecar's main loop.
 
-It loads plugins, rules and configuration (any error stops it before it
-starts, with every problem located; files other users can write are warned
-about first), opens the journal, resumes unfinished actions, serves metrics
-and /healthz (``reactor.service.metrics``), connects to every VM, and feeds their
-events to the engine. A listener that cannot bind stops it at start. Signal
-handlers only set flags (uvicorn's way); the loop acts on them: SIGTERM/SIGINT
-stop gracefully (no new actions, in-flight ones get ``shutdown_grace``, the rest
-stay in the journal), SIGHUP reloads rules and configuration atomically (an
-invalid new set is reported and the old one keeps running).
+Signal handlers go in first and only set flags (uvicorn's way); the loop acts
+on them. Then it loads one generation (``reactor.service.generation``: any
+error stops it before it starts, with every problem located; files other users
+can write are warned about first), opens the journal, resumes unfinished
+actions, serves metrics and /healthz (``reactor.service.metrics``), connects to
+every VM, and feeds their events to the engine. A listener that cannot bind
+stops it at start. SIGTERM/SIGINT stop gracefully (no new actions, in-flight
+ones get ``shutdown_grace``, the rest stay in the journal). SIGHUP loads a new
+generation and swaps it in whole: rules, action types, settings, plugins,
+connections (added and removed to match), the metrics listener; or refuses,
+saying why (an error, or a setting only a restart applies), and the old one
+keeps running.
 """
 
 from __future__ import annotations
@@ -16,21 +19,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from reactor.clock import AsyncioClock
-from reactor.dispatch.journal import default_state_dir
-from reactor.errors import ConfigError, UserError
+from reactor.errors import ConfigError, Diagnostic, PluginError, UserError
 from reactor.model import Envelope
 from reactor.params.secrets import Redactor
 from reactor.plugins.hookspecs import ActionOutcome
-from reactor.plugins.manager import Plugins, load_plugins
-from reactor.rules.compiler import require_rules
-from reactor.rules.ruleset import RuleSet
-from reactor.service.config import Config, load_config
+from reactor.service.config import Config
+from reactor.service.generation import Generation, Options, effective_config, load_generation
 from reactor.service.logs import setup_logging
 from reactor.service.metrics import (
     Metrics,
@@ -39,82 +37,34 @@ from reactor.service.metrics import (
     snapshot_of,
     start_metrics_server,
 )
-from reactor.service.permissions import config_paths_warnings
 from reactor.service.reactor import Reactor, refrozen, tune_for_serving
+from reactor.sources.discovery import scan_globs
 from reactor.sources.manager import ConnectionManager
 
 log = logging.getLogger("reactor.service.daemon")
 events_log = logging.getLogger("reactor.event")
 actions_log = logging.getLogger("reactor.action")
+DISCONNECTED = "REACTOR_DISCONNECTED"
+
+__all__ = ["Daemon", "Options", "run_daemon"]
 
 
-@dataclass
-class Options:
-    """What the command line said; None means: take it from the configuration file."""
-
-    config: Path | None = None
-    rules: list[str] | None = None
-    qmp: list[str] = field(default_factory=list)
-    qmp_glob: list[str] = field(default_factory=list)
-    listen: str | None = None
-    state_dir: str | None = None
-    verbose: bool = False
-    log_format: str | None = None
-    plugin_dirs: list[str] | None = None
-
-
-def effective_config(opts: Options) -> Config:
-    """The configuration file's settings with the flags laid over them."""
-    cfg = load_config(opts.config)
-    update: dict[str, Any] = {}
-    if opts.rules:
-        update["rules"] = opts.rules
-    if opts.qmp:
-        update["qmp"] = [*cfg.qmp, *opts.qmp]
-    if opts.qmp_glob:
-        update["qmp_glob"] = [*cfg.qmp_glob, *opts.qmp_glob]
-    if opts.listen:
-        update["listen"] = opts.listen
-    if opts.state_dir:
-        update["state_dir"] = opts.state_dir
-    if opts.verbose:
-        update["verbose"] = True
-    if opts.log_format:
-        update["log_format"] = opts.log_format
-    if opts.plugin_dirs:
-        update["plugin_dirs"] = opts.plugin_dirs
-    return cfg.model_copy(update=update)
-
-
-def load_rule_set(cfg: Config, plugins: Plugins) -> RuleSet:
-    """The rules the configuration names (default ./rules, else the bundled pack)."""
-    from reactor.service.loader import rule_paths
-
-    ruleset, diags = require_rules(
-        rule_paths(cfg.rules),
-        action_types=plugins.action_types(),
-        settings=cfg.actions.settings(),
-    )
-    for d in diags:
-        log.warning("%s", d)
-    return ruleset
+def _address(env: Envelope) -> object:
+    data = env.get("data")
+    return data.get("address") if isinstance(data, dict) else None
 
 
 class Daemon:
-    """One sidecar process: connections in, actions out, until told to stop."""
+    """One sidecar process: connections in, actions out, until told to stop.
+
+    Everything its configuration produces is one ``Generation`` (``self.gen``),
+    loaded once signal handlers are in place and replaced whole by a reload.
+    """
 
     def __init__(self, opts: Options) -> None:
         self.opts = opts
-        self.cfg = effective_config(opts)
+        self.gen: Generation | None = None
         self.redactor = Redactor()  # the reactor's secrets, masked in every log line
-        setup_logging(verbose=self.cfg.verbose, fmt=self.cfg.log_format, redactor=self.redactor)
-        self.state_dir = Path(self.cfg.state_dir) if self.cfg.state_dir else default_state_dir()
-        for warning in config_paths_warnings(self.cfg, opts.config, self.state_dir):
-            log.warning("%s", warning)  # before any plugin code runs
-        self.plugins = load_plugins(
-            plugin_dirs=[Path(d) for d in self.cfg.plugin_dirs], blocked=self.cfg.block_plugins
-        )
-        self.rules = load_rule_set(self.cfg, self.plugins)
         self.stop_requested = asyncio.Event()
         self.reload_requested = asyncio.Event()
         self.conns: ConnectionManager | None = None
@@ -122,12 +72,22 @@ class Daemon:
         self.metrics = Metrics(self.snapshot)
         self.metrics_server: MetricsServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._globs: asyncio.Task[None] | None = None
         self._closing = False
+        self._leaving: set[str] = set()  # addresses a reload closes: no news about their VMs
+
+    @property
+    def generation(self) -> Generation:
+        """The generation running now (there is one once ``run`` loaded it)."""
+        assert self.gen is not None
+        return self.gen
 
     # -- wiring ------------------------------------------------------------------------
     def _on_envelope(self, env: Envelope) -> None:
         if self._closing:
             return  # our own closing of the connections is no news about the VMs
+        if self._leaving and env["event"] == DISCONNECTED and _address(env) in self._leaving:
+            return  # nor is a reload closing one
         if events_log.isEnabledFor(logging.DEBUG):
             events_log.debug(
                 "%s %s seq=%s data=%s",
@@ -166,26 +126,30 @@ class Daemon:
                        "outcome": outcome.status, "invocation": outcome.invocation_id},
             )  # fmt: skip
         self.metrics.outcome(outcome)
-        self.plugins.action_outcome(outcome)
+        self.generation.plugins.action_outcome(outcome)
 
-    def _observe(self, env: Envelope) -> None:
-        self.plugins.event(env)
+    def _observer(self, gen: Generation) -> Callable[[Envelope], None] | None:
+        """What sees every envelope: ``gen``'s plugins, if any has a ``reactor_event`` hook."""
+        return gen.plugins.event if gen.plugins.pm.hook.reactor_event.get_hookimpls() else None
 
     def snapshot(self) -> Snapshot:
         """The state metrics and /healthz report."""
+        rules = len(self.gen.rules) if self.gen is not None else 0
         if self.reactor is None:
-            return Snapshot(rules=len(self.rules))
+            return Snapshot(rules=rules)
         conns = self.conns.connections() if self.conns is not None else []
-        return snapshot_of(self.reactor, conns, len(self.rules))
+        return snapshot_of(self.reactor, conns, rules)
 
     # -- life --------------------------------------------------------------------------
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT; returns the exit status."""
         loop = asyncio.get_running_loop()
+        # Before anything is loaded: a signal during start-up is a request, not an exit.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_requested.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload_requested.set)
         try:
+            self.gen = self._load(effective_config(self.opts))
             await self._start()
             await self._serve()
         finally:
@@ -194,39 +158,45 @@ class Daemon:
                 loop.remove_signal_handler(sig)
         return 0
 
+    def _load(self, cfg: Config) -> Generation:
+        setup_logging(verbose=cfg.verbose, fmt=cfg.log_format, redactor=self.redactor)
+        gen = load_generation(
+            self.opts, config=cfg, journal=True, report=_warn, redactor=self.redactor
+        )
+        for d in gen.diagnostics:
+            _warn(d)
+        return gen
+
     async def _start(self) -> None:
-        cfg = self.cfg
+        gen = self.generation
+        cfg = gen.config
+        assert gen.state_dir is not None
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            gen.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise ConfigError(f"state directory {self.state_dir}: {err.strerror}") from err
+            raise ConfigError(f"state directory {gen.state_dir}: {err.strerror}") from err
         self.conns = ConnectionManager(
             self._on_envelope,
-            names=cfg.vm_names(),
+            names=gen.vm_names(),
             greeting_timeout=cfg.greeting_timeout,
             backoff_max=cfg.reconnect_max,
         )
-        self.reactor = Reactor(
-            config=cfg,
-            rules=self.rules,
-            action_types=self.plugins.action_types(),
+        self.reactor = Reactor.for_generation(
+            gen,
             clock=AsyncioClock(),
-            state_dir=self.state_dir,
-            observe=self._observe if self.plugins.pm.hook.reactor_event.get_hookimpls() else None,
+            observe=self._observer(gen),
             on_outcome=self._on_outcome,
             vm_lookup=self.conns.get,
             emit=self._emit,
             redactor=self.redactor,
         )
-        await self.plugins.startup(cfg.actions.settings())
+        await gen.plugins.startup(gen.settings)
         await self.reactor.start()
         self.conns.pace = self.reactor.backpressure  # overload slows the readers down
         self.metrics_server = await start_metrics_server(self.metrics, cfg.metrics)
-        names = cfg.vm_names()
-        for address in cfg.qmp:
-            self.conns.add(address, names.get(address))
-        if cfg.qmp_glob:
-            self._tasks.append(asyncio.create_task(self.conns.watch_globs(cfg.qmp_glob)))
+        for address in gen.sockets:
+            self.conns.add(address, gen.vm_names().get(address))
+        self._follow_globs(gen.globs)
         if cfg.listen:
             self._tasks.append(asyncio.create_task(self.conns.listen(cfg.listen)))
         await asyncio.sleep(0)  # let the listener bind: a bad address stops us before "ready"
@@ -234,12 +204,22 @@ class Daemon:
         tune_for_serving()
         log.info(
             "ready: %d rules, %d sockets, %d globs%s, state in %s",
-            len(self.rules),
-            len(cfg.qmp),
-            len(cfg.qmp_glob),
+            len(gen.rules),
+            len(gen.sockets),
+            len(gen.globs),
             f", listening on {cfg.listen}" if cfg.listen else "",
-            self.state_dir,
+            gen.state_dir,
         )
+
+    def _follow_globs(self, globs: Sequence[str]) -> None:
+        """(Re)start the glob watcher; it takes over the sockets the last one found."""
+        if self._globs is not None:
+            self._globs.cancel()
+            self._tasks.remove(self._globs)
+            self._globs = None
+        if globs and self.conns is not None:
+            self._globs = asyncio.create_task(self.conns.watch_globs(list(globs)))
+            self._tasks.append(self._globs)
 
     def _check_tasks(self) -> None:
         """Raise the error of a background task (listener, glob watcher) that ended."""
@@ -258,35 +238,110 @@ class Daemon:
             self._check_tasks()
             if self.reload_requested.is_set() and not self.stop_requested.is_set():
                 self.reload_requested.clear()
-                self.reload()
+                await self.reload()
 
-    def reload(self) -> bool:
-        """Swap in the rules the files hold now, or keep the old ones if they are invalid."""
+    async def reload(self) -> bool:
+        """Swap in the generation the files make now, or keep the old one and say why."""
         with refrozen():
-            return self._reload()
+            return await self._reload()
 
-    def _reload(self) -> bool:
+    async def _reload(self) -> bool:
+        old = self.generation
         try:
-            cfg = effective_config(self.opts)
-            plugins = load_plugins(
-                plugin_dirs=[Path(d) for d in cfg.plugin_dirs], blocked=cfg.block_plugins
-            )
-            rules = load_rule_set(cfg, plugins)
-        except UserError as err:
-            for d in err.diagnostics:
-                log.error("reload refused: %s", d)
-            if not err.diagnostics:
-                log.error("reload refused: %s", err)
-            log.error("reload refused: the previous %d rules keep running", len(self.rules))
+            new = load_generation(self.opts, journal=True, report=_warn, redactor=self.redactor)
+            changed = old.restart_needed(new)
+            if changed:
+                raise ConfigError(f"{', '.join(changed)}: a change that needs a restart")
+            server = await self._metrics_for(old, new)
+        except (UserError, PluginError) as err:
+            _refused(err, len(old.rules))
             return False
-        self.rules = rules
-        assert self.reactor is not None
-        self.reactor.swap_rules(rules)
-        log.info("reloaded: %d rules", len(rules))
+        try:
+            await self._restart_plugins(old, new)
+        except PluginError as err:
+            if server is not self.metrics_server and server is not None:
+                await server.close()
+            _refused(err, len(old.rules))
+            return False
+        await self._swap(old, new, server)
         return True
 
+    async def _metrics_for(self, old: Generation, new: Generation) -> MetricsServer | None:
+        """The metrics listener ``new`` wants: the running one, or a new one already bound."""
+        if new.config.metrics == old.config.metrics:
+            return self.metrics_server
+        return await start_metrics_server(self.metrics, new.config.metrics)
+
+    async def _restart_plugins(self, old: Generation, new: Generation) -> None:
+        """Stop the plugins only the old generation has, start those only the new one has;
+        if one fails to start, the old ones again.
+
+        A built-in or a plugin installed as a package is the same module in both
+        generations: it keeps running, untouched. A file in a plugin directory is
+        imported afresh, so its old copy stops before its new one starts.
+        """
+        kept = [p for p in new.plugins.plugin_objects() if _has(old, p)]
+        await old.plugins.shutdown(skip=kept)
+        try:
+            await new.plugins.startup(new.settings, skip=kept)
+        except PluginError:
+            await new.plugins.shutdown(skip=kept)
+            await old.plugins.startup(old.settings, skip=kept)
+            raise
+
+    async def _swap(self, old: Generation, new: Generation, server: MetricsServer | None) -> None:
+        self.gen = new
+        cfg = new.config
+        if (old.config.verbose, old.config.log_format) != (cfg.verbose, cfg.log_format):
+            setup_logging(verbose=cfg.verbose, fmt=cfg.log_format, redactor=self.redactor)
+        for d in new.diagnostics:
+            _warn(d)
+        assert self.reactor is not None
+        self.reactor.use(new, self._observer(new))
+        if server is not self.metrics_server:
+            if self.metrics_server is not None:
+                await self.metrics_server.close()
+            self.metrics_server = server
+        await self._match_connections(old, new)
+        log.info(
+            "reloaded: %d rules, %d action types, %d sockets, %d globs",
+            len(new.rules),
+            len(new.action_types),
+            len(new.sockets),
+            len(new.globs),
+        )
+
+    async def _match_connections(self, old: Generation, new: Generation) -> None:
+        """Connect to the sockets ``new`` adds, close the ones it drops (or renames), quietly."""
+        conns = self.conns
+        assert conns is not None
+        old_names, new_names = old.vm_names(), new.vm_names()
+        conns.rename(new_names)
+        dropped = {
+            address
+            for address in old.sockets
+            if address not in new.sockets or old_names.get(address) != new_names.get(address)
+        }
+        if old.globs != new.globs:
+            still = set(new.sockets) | scan_globs(new.globs)
+            dropped |= scan_globs(old.globs) - still
+        self._leaving |= dropped
+        try:
+            for address in sorted(dropped):
+                await conns.remove(address, reason="removed from the configuration")
+            if old.globs != new.globs:
+                await conns.scan_globs(new.globs)
+                self._follow_globs(new.globs)
+        finally:
+            self._leaving -= dropped
+        for address in new.sockets:
+            conns.add(address, new_names.get(address))
+
     async def _shutdown(self) -> None:
-        log.info("stopping: no new actions; %.0fs grace for running ones", self.cfg.shutdown_grace)
+        if self.gen is None:
+            return  # nothing was started
+        grace = self.gen.config.shutdown_grace
+        log.info("stopping: no new actions; %.0fs grace for running ones", grace)
         self._closing = True
         for task in self._tasks:
             task.cancel()
@@ -296,9 +351,26 @@ class Daemon:
         if self.conns is not None:
             await self.conns.aclose()
         if self.reactor is not None:
-            await self.reactor.stop(self.cfg.shutdown_grace)
-        await self.plugins.shutdown()
+            await self.reactor.stop(grace)
+        await self.gen.plugins.shutdown()
         log.info("stopped")
+
+
+def _has(gen: Generation, plugin: object) -> bool:
+    return any(p is plugin for p in gen.plugins.plugin_objects())
+
+
+def _warn(diagnostic: Diagnostic) -> None:
+    log.warning("%s", diagnostic)
+
+
+def _refused(err: Exception, rules: int) -> None:
+    diagnostics = getattr(err, "diagnostics", None) or []
+    for d in diagnostics:
+        log.error("reload refused: %s", d)
+    if not diagnostics:
+        log.error("reload refused: %s", err)
+    log.error("reload refused: the previous generation (%d rules) keeps running", rules)
 
 
 def run_daemon(opts: Options) -> int:
@@ -309,8 +381,3 @@ def run_daemon(opts: Options) -> int:
         return await daemon.run()
 
     return asyncio.run(main())
-
-
-def parse_addresses(values: Sequence[str] | None) -> list[str]:
-    """Flag values as a list (each flag may repeat and take several)."""
-    return [v for group in (values or []) for v in ([group] if isinstance(group, str) else group)]

@@ -1,7 +1,8 @@
 """``replay --execute``: the replay's firings, run for real by the dispatcher.
 
 The firings are computed on the virtual clock exactly as in a dry run (and
-printed the same way); then each action runs through the dispatcher, with
+printed the same way); then each action runs through the same reactor as
+``run``'s (the generation's action types, settings, limits and renderer), with
 retries, in memory (no journal). There are no QMP connections in a replay, so
 actions that act on a VM (``restart_vm``, ``qmp``) fail and say so.
 """
@@ -13,19 +14,19 @@ import asyncio
 import sys
 from typing import Any
 
-from reactor.dispatch.dispatcher import Dispatcher
+from reactor.clock import AsyncioClock
 from reactor.engine.replay import DryRunWriter, open_inputs, replay
 from reactor.model import Firing
-from reactor.plugins.api import ActionSettings
 from reactor.plugins.hookspecs import ActionOutcome
-from reactor.rules.ruleset import RuleSet
-from reactor.service.config import Config
-from reactor.service.reactor import Renderer
+from reactor.service.generation import Generation
+from reactor.service.reactor import Reactor
 
 
-async def _run_all(
-    firings: list[Firing], plugins: Any, settings: ActionSettings
-) -> list[ActionOutcome]:
+def _nowhere(vm: str, event: str, data: dict[str, Any]) -> None:
+    """Synthetic events go nowhere: the replay's firings are computed already."""
+
+
+async def _run_all(firings: list[Firing], gen: Generation) -> list[ActionOutcome]:
     outcomes: list[ActionOutcome] = []
 
     def report(outcome: ActionOutcome) -> None:
@@ -36,38 +37,26 @@ async def _run_all(
             f"event={outcome.event} attempt={outcome.attempt}{error}",
             file=sys.stderr,
         )
-        plugins.action_outcome(outcome)
+        gen.plugins.action_outcome(outcome)
 
-    acts = Config().actions
-    render = Renderer()
-    dispatcher = Dispatcher(
-        action_types=plugins.action_types(),
-        settings=settings,
-        render=render,
-        journal=None,
-        on_outcome=report,
-        redact=render.resolver.redactor.redact,
-        default_retry=acts.retry.policy(),
-        default_timeout=acts.timeout,
-        max_concurrency=acts.max_concurrency,
+    reactor = Reactor.for_generation(
+        gen, clock=AsyncioClock(), state_dir=None, on_outcome=report, emit=_nowhere
     )
-    await dispatcher.start()
+    await reactor.start()
     try:
         for firing in firings:
-            dispatcher.submit(firing)
-        await dispatcher.drain()
+            reactor.dispatcher.submit(firing)
+        await reactor.dispatcher.drain()
     finally:
-        await dispatcher.shutdown(5.0)
+        await reactor.stop(5.0)
     return outcomes
 
 
-def execute_replay(
-    args: argparse.Namespace, rules: RuleSet, plugins: Any, settings: ActionSettings
-) -> int:
+def execute_replay(args: argparse.Namespace, gen: Generation) -> int:
     """Replay, print the firings, run their actions; 1 if a line or an action failed."""
     result = replay(
         open_inputs(args.events),
-        rules,
+        gen.rules,
         sink=DryRunWriter(sys.stdout),
         qemu_stage=not args.no_qemu_stage,
         qemu_version=getattr(args, "qemu", None),
@@ -75,6 +64,6 @@ def execute_replay(
     sys.stdout.flush()
     for problem in result.problems:
         print(problem, file=sys.stderr)
-    outcomes = asyncio.run(_run_all(result.firings, plugins, settings))
+    outcomes = asyncio.run(_run_all(result.firings, gen))
     dead = [o for o in outcomes if o.status == "dead"]
     return 1 if result.problems or dead else 0

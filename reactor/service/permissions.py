@@ -3,8 +3,9 @@
 Rules decide which VMs are restarted, the configuration turns on ``exec``,
 plugins run code as the sidecar's user and the journal says which actions run
 next. If another user can write any of them, that user can act with the
-sidecar's rights. ``check`` and ``run`` call ``path_warnings`` and report each
-finding as ``FILE: warning: writable by other users (...)``.
+sidecar's rights. ``check`` and ``run`` (at start and on every reload) call
+``path_warnings`` and report each finding as ``FILE: warning: writable by
+other users (...)``.
 
 "Other users" are anyone but root and the user running us: the world (mode
 ``o+w``), a group with members besides the owner (``g+w``), the owner of a file
@@ -21,12 +22,8 @@ import stat
 from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from reactor.errors import Diagnostic, Location
-
-if TYPE_CHECKING:
-    from reactor.service.config import Config
 
 RULES = "rules decide which VMs are restarted"
 CONFIG = "the configuration decides what actions may do"
@@ -131,20 +128,6 @@ def obeyed_paths_warnings(
     if state_dir is not None:
         found += path_warnings([state_dir], STATE, (".sqlite3",))
     return _unique(found)
-
-
-def config_paths_warnings(
-    cfg: Config, config_file: Path | None, state_dir: Path
-) -> list[Diagnostic]:
-    """``obeyed_paths_warnings`` for what ``run`` loads with this configuration."""
-    from reactor.service.loader import rule_paths
-
-    return obeyed_paths_warnings(
-        config_file=config_file,
-        rules=rule_paths(cfg.rules),
-        plugin_dirs=[Path(d) for d in cfg.plugin_dirs],
-        state_dir=state_dir,
-    )
 
 
 def _unique(diags: Iterable[Diagnostic]) -> list[Diagnostic]:

@@ -19,102 +19,28 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import orjson
-from pydantic import BaseModel, ValidationError
-
 from reactor.clock import Clock
+from reactor.dispatch.attempts import Render
 from reactor.dispatch.dispatcher import Dispatcher
-from reactor.dispatch.journal import Invocation, Journal, journal_path
+from reactor.dispatch.journal import Journal, journal_path
 from reactor.engine.core import Engine
-from reactor.errors import PermanentActionError
 from reactor.model import Envelope
 from reactor.params.secrets import Redactor, SecretResolver
-from reactor.params.templates import (
-    CompiledParams,
-    compile_params,
-    format_path,
-    is_template,
-    template_variables,
-)
 from reactor.plugins.api import ActionSettings, ActionType, VmControl
 from reactor.plugins.hookspecs import ActionOutcome
 from reactor.rules.catalog import load_catalog, qemu_version_of
 from reactor.rules.ruleset import RuleSet
 from reactor.rules.versions import release_problems, targets
 from reactor.service.config import Config
+from reactor.service.generation import Generation
+from reactor.service.render import Renderer
 from reactor.sources.vm import hostname, qemu_timestamp
 
 log = logging.getLogger("reactor")
 
 
-class Renderer:
-    """Renders an invocation's raw ``with:`` parameters: templates, secrets, validation.
-
-    Compiled templates are cached by their source, so a resumed invocation (whose
-    rule may have changed since) renders exactly what was journaled. A rule's own
-    parameters are also found by identity, without serialising them; parameters
-    with no template or secret are rendered without building template variables.
-    """
-
-    def __init__(self, resolver: SecretResolver | None = None, limit: int = 4096) -> None:
-        self.resolver = resolver or SecretResolver()
-        self.limit = limit
-        self._cache: dict[bytes, tuple[CompiledParams, bool]] = {}
-        # Keyed by id(); each entry keeps its params alive, so an id is never reused meanwhile.
-        self._by_id: dict[int, tuple[Mapping[str, Any], CompiledParams, bool]] = {}
-
-    def _compiled(self, params: Mapping[str, Any]) -> tuple[CompiledParams, bool]:
-        """The compiled params, and whether they hold any template or secret reference."""
-        mine = self._by_id.get(id(params))
-        if mine is not None and mine[0] is params:
-            return mine[1], mine[2]
-        key = orjson.dumps(params, option=orjson.OPT_SORT_KEYS, default=str)
-        found = self._cache.get(key)
-        if found is None:
-            if len(self._cache) >= self.limit:
-                self._cache.clear()
-            found = self._cache[key] = (compile_params(params), _templated(params))
-        if len(self._by_id) >= self.limit:
-            self._by_id.clear()
-        self._by_id[id(params)] = (params, *found)
-        return found
-
-    def __call__(self, inv: Invocation, kind: ActionType) -> BaseModel:
-        """The validated parameter model for ``inv``; PermanentActionError if invalid."""
-        compiled, templated = self._compiled(inv.spec.params)
-        variables = (
-            template_variables(inv.envelope, rule=inv.rule, context=inv.context, now=time.time())
-            if templated
-            else {}  # nothing would read them
-        )
-        rendered = compiled.render(variables, secrets=self.resolver)
-        try:
-            return kind.params.model_validate(rendered)
-        except ValidationError as err:
-            details = "; ".join(
-                f"{format_path(tuple(e['loc']))}: {e['msg']}"
-                for e in err.errors(include_url=False, include_input=False)
-            )
-            raise PermanentActionError(
-                self.resolver.redactor.redact(
-                    f"{kind.name}: rendered parameters are invalid: {details}"
-                )
-            ) from None  # the cause quotes rendered values, which may hold secrets
-
-
 SWITCH_INTERVAL = 0.0005
 """Seconds a busy thread holds the GIL while another waits for it (Python's default: 0.005)."""
-
-
-def _templated(value: Any) -> bool:
-    """Whether ``value`` holds a string that ``compile_params`` compiles."""
-    if isinstance(value, str):
-        return is_template(value)
-    if isinstance(value, Mapping):
-        return any(_templated(v) for v in value.values())
-    if isinstance(value, list | tuple):
-        return any(_templated(v) for v in value)
-    return False
 
 
 def tune_for_serving() -> None:
@@ -161,7 +87,12 @@ def synthetic_envelope(vm: str, event: str, data: dict[str, Any], seq: int) -> E
 
 
 class Reactor:
-    """Engine + dispatcher + journal, fed envelopes by whoever owns the event source."""
+    """Engine + dispatcher + journal, fed envelopes by whoever owns the event source.
+
+    ``config``, ``rules``, ``action_types``, ``settings`` and ``render`` are what a
+    generation holds (``for_generation`` takes them from one); ``use`` swaps in
+    another generation's.
+    """
 
     def __init__(
         self,
@@ -172,6 +103,7 @@ class Reactor:
         clock: Clock,
         state_dir: Path | None,
         settings: ActionSettings | None = None,
+        render: Render | None = None,
         observe: Callable[[Envelope], None] | None = None,
         on_outcome: Callable[[ActionOutcome], None] | None = None,
         vm_lookup: Callable[[str], VmControl | None] = lambda vm: None,
@@ -191,7 +123,7 @@ class Reactor:
         self.dispatcher = Dispatcher(
             action_types=action_types,
             settings=settings or acts.settings(),
-            render=Renderer(SecretResolver(self.redactor)),
+            render=render or Renderer(SecretResolver(self.redactor)),
             journal=self.journal,
             vm_lookup=vm_lookup,
             emit=emit or self.emit_local,
@@ -208,6 +140,33 @@ class Reactor:
         )
         self._seq = 0
         self._warned: set[tuple[str, str]] = set()  # (VM, QEMU version) already judged
+
+    @classmethod
+    def for_generation(cls, gen: Generation, *, clock: Clock, **kwargs: Any) -> Reactor:
+        """A reactor running ``gen`` (``kwargs``: the event source's side, as ``__init__``;
+        ``state_dir`` defaults to the generation's)."""
+        kwargs.setdefault("state_dir", gen.state_dir)
+        kwargs.setdefault("redactor", gen.renderer.resolver.redactor)
+        return cls(
+            config=gen.config, rules=gen.rules, action_types=gen.action_types,
+            settings=gen.settings, render=gen.renderer, clock=clock, **kwargs,
+        )  # fmt: skip
+
+    def use(self, gen: Generation, observe: Callable[[Envelope], None] | None) -> None:
+        """Run ``gen`` from now on (its ``qemu_stage`` must be this one's: that needs a restart).
+
+        Invocations that start later use its action types; attempts that start
+        later use its settings, renderer and limits; new firings its rules.
+        """
+        acts = gen.config.actions
+        self.config = gen.config
+        self.dispatcher.reconfigure(
+            action_types=gen.action_types, settings=gen.settings, render=gen.renderer,
+            default_retry=acts.retry.policy(), default_timeout=acts.timeout,
+            max_concurrency=acts.max_concurrency, per_type_limits=acts.limits,
+        )  # fmt: skip
+        self.engine.observe = observe
+        self.swap_rules(gen.rules)
 
     def feed(self, env: Envelope) -> None:
         """One envelope into the engine."""

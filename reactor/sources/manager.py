@@ -100,6 +100,10 @@ class ConnectionManager:
         """Every connection, connected or not."""
         return list(self._conns.values())
 
+    def rename(self, names: Mapping[str, str]) -> None:
+        """Address → VM name for connections made from now on (existing ones keep theirs)."""
+        self._names = dict(names)
+
     # -- explicit addresses -----------------------------------------------------------
 
     def add(self, address: str, name: str | None = None) -> VmConnection:
