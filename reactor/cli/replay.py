@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from reactor.cli._common import (
     add_plugin_args,
@@ -15,7 +17,10 @@ from reactor.cli._common import (
 )
 from reactor.engine.replay import DryRunWriter, open_inputs, replay
 from reactor.errors import RuleError
-from reactor.model import Envelope, Rule
+from reactor.model import Envelope, Firing, Rule
+
+if TYPE_CHECKING:
+    from reactor.dispatch.silences import Silence, SilenceFilter
 from reactor.rules.compiler import load_rules
 
 
@@ -36,6 +41,12 @@ def register(sub: Any) -> None:
         action="store_true",
         help="do not apply QEMU's rate limits before matching",
     )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="apply the silences of this state directory, at each firing's recorded time",
+    )
     add_plugin_args(p)
     p.set_defaults(func=run)
 
@@ -50,6 +61,18 @@ def _explain_event(env: Envelope) -> None:
         f"seq {env.get('seq')} {env['event']} vm={env['vm']}: event reaches the rules",
         file=sys.stderr,
     )
+
+
+def _silenced(state_dir: Path, explain: bool) -> SilenceFilter:
+    """The state directory's silences, judged at each firing's (virtual) time."""
+    from reactor.dispatch.silences import SilenceFilter, SilenceStore, silence_path
+
+    def said(firing: Firing, silence: Silence) -> None:
+        if explain:
+            _explainer(firing.envelope, firing.rule, f"silenced by silence {silence.id}")
+
+    stored = SilenceStore(silence_path(state_dir)).all()
+    return SilenceFilter(stored, now=lambda firing: firing.time, on_silenced=said)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,10 +90,13 @@ def run(args: argparse.Namespace) -> int:
 
         return execute_replay(args, ruleset, plugins, settings)
 
+    sink: Callable[[Firing], None] = DryRunWriter(sys.stdout)
+    if args.state_dir is not None:
+        sink = _silenced(args.state_dir, args.explain).wrap(sink)
     result = replay(
         open_inputs(args.events),
         ruleset,
-        sink=DryRunWriter(sys.stdout),
+        sink=sink,
         qemu_stage=not args.no_qemu_stage,
         explain=_explainer if args.explain else None,
         observe=_explain_event if args.explain else None,

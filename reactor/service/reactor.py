@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from reactor.clock import Clock
 from reactor.dispatch.dispatcher import Dispatcher
 from reactor.dispatch.journal import Invocation, Journal, journal_path
+from reactor.dispatch.silences import SilenceFilter, log_silenced, silence_path
 from reactor.engine.core import Engine
 from reactor.errors import PermanentActionError
 from reactor.model import Envelope
@@ -195,8 +196,18 @@ class Reactor:
             per_type_limits=acts.limits,
             **extra,
         )
+        self.silences = (
+            SilenceFilter(path=silence_path(state_dir), on_silenced=log_silenced)
+            if state_dir is not None
+            else None
+        )
+        sink = self.dispatcher.submit
         self.engine = Engine(
-            rules, clock, self.dispatcher.submit, qemu_stage=config.qemu_stage, observe=observe
+            rules,
+            clock,
+            self.silences.wrap(sink) if self.silences is not None else sink,
+            qemu_stage=config.qemu_stage,
+            observe=observe,
         )
         self._seq = 0
 
