@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "reactor.cli.demo",
     "reactor.cli.plugins",
     "reactor.cli.dlq",
+    "reactor.cli.silence",
 )
 
 

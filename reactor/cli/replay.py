@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from reactor.cli._common import add_plugin_args, print_diagnostics, qemu_version_arg
 from reactor.engine.replay import DryRunWriter, open_inputs, replay
-from reactor.model import Envelope, Rule
+from reactor.model import Envelope, Firing, Rule
 from reactor.service.generation import Options, load_generation
+
+if TYPE_CHECKING:
+    from reactor.dispatch.silences import Silence, SilenceFilter
 
 
 def register(sub: Any) -> None:
@@ -36,6 +41,12 @@ def register(sub: Any) -> None:
         help="apply the rate limits of this QEMU release to every VM "
         "(default: each VM's REACTOR_CONNECTED in the input, else the newest release)",
     )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="apply the silences of this state directory, at each firing's recorded time",
+    )
     add_plugin_args(p)
     p.set_defaults(func=run)
 
@@ -52,6 +63,18 @@ def _explain_event(env: Envelope) -> None:
     )
 
 
+def _silenced(state_dir: Path, explain: bool) -> SilenceFilter:
+    """The state directory's silences, judged at each firing's (virtual) time."""
+    from reactor.dispatch.silences import SilenceFilter, SilenceStore, silence_path
+
+    def said(firing: Firing, silence: Silence) -> None:
+        if explain:
+            _explainer(firing.envelope, firing.rule, f"silenced by silence {silence.id}")
+
+    stored = SilenceStore(silence_path(state_dir)).all()
+    return SilenceFilter(stored, now=lambda firing: firing.time, on_silenced=said)
+
+
 def run(args: argparse.Namespace) -> int:
     """Replay; exit 1 if a line was malformed or rules are invalid."""
     gen = load_generation(
@@ -63,10 +86,13 @@ def run(args: argparse.Namespace) -> int:
 
         return execute_replay(args, gen)
 
+    sink: Callable[[Firing], None] = DryRunWriter(sys.stdout)
+    if args.state_dir is not None:
+        sink = _silenced(args.state_dir, args.explain).wrap(sink)
     result = replay(
         open_inputs(args.events),
         gen.rules,
-        sink=DryRunWriter(sys.stdout),
+        sink=sink,
         qemu_stage=not args.no_qemu_stage,
         qemu_version=args.qemu,
         explain=_explainer if args.explain else None,

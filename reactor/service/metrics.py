@@ -74,6 +74,7 @@ class Snapshot:
     refused: int = 0
     stage_holds: int = 0
     stage_replaced: int = 0
+    silenced: int = 0
 
     def problems(self) -> list[str]:
         """Why the sidecar is unhealthy; empty when it is healthy."""
@@ -117,6 +118,7 @@ def snapshot_of(reactor: Reactor, connections: Iterable[VmConnection], rules: in
         refused=dispatcher.rejected,
         stage_holds=stage.holds if stage is not None else 0,
         stage_replaced=stage.replaced if stage is not None else 0,
+        silenced=reactor.silences.silenced if reactor.silences is not None else 0,
     )
 
 
@@ -260,6 +262,8 @@ def _families(snap: Snapshot | None, events: Mapping[str, Mapping[str, list[int]
          "stage_holds"),
         (CounterMetricFamily, "qemu_stage_replaced", "Held events replaced by a newer one of "
          "the same key", "stage_replaced"),
+        (CounterMetricFamily, "firings_silenced", "Firings a silence kept from running",
+         "silenced"),
     )  # fmt: skip
     for kind, name, text, attr in figures:
         value = None if snap is None else float(getattr(snap, attr))

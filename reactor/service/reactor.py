@@ -23,6 +23,7 @@ from reactor.clock import Clock
 from reactor.dispatch.attempts import Render
 from reactor.dispatch.dispatcher import Dispatcher
 from reactor.dispatch.journal import Journal, journal_path
+from reactor.dispatch.silences import SilenceFilter, log_silenced, silence_path
 from reactor.engine.core import Engine
 from reactor.model import Envelope
 from reactor.params.secrets import Redactor, SecretResolver
@@ -135,8 +136,18 @@ class Reactor:
             per_type_limits=acts.limits,
             **extra,
         )
+        self.silences = (
+            SilenceFilter(path=silence_path(state_dir), on_silenced=log_silenced)
+            if state_dir is not None
+            else None
+        )
+        sink = self.dispatcher.submit
         self.engine = Engine(
-            rules, clock, self.dispatcher.submit, qemu_stage=config.qemu_stage, observe=observe
+            rules,
+            clock,
+            self.silences.wrap(sink) if self.silences is not None else sink,
+            qemu_stage=config.qemu_stage,
+            observe=observe,
         )
         self._seq = 0
         self._warned: set[tuple[str, str]] = set()  # (VM, QEMU version) already judged

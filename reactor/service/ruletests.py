@@ -8,7 +8,8 @@ JSON lines) through a replay and compares the firings, one per action as
 match a distinct firing and no firing may be left over. An expected item gives
 ``rule`` and optionally ``action``, ``vm``, ``event``, ``seq``, ``at`` (matched
 within 1 ms) and ``with`` (a subset of the rendered parameters; secrets render
-as ``MASK``).
+as ``MASK``). A test may list ``silences`` (``vm``, ``rule``, ``event`` globs,
+``at`` and ``for`` relative to the first event), applied as a sidecar would.
 
 Mistakes in a test file are a ``RuleError`` with located diagnostics, like a
 rule file's.
@@ -18,10 +19,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from reactor.dispatch.silences import Silence, SilenceFilter
 from reactor.durations import parse_duration
 from reactor.engine.replay import ReplayInput, replay
 from reactor.errors import Diagnostic, Location, RuleError
@@ -41,7 +43,8 @@ BASE_TIME = 1_700_000_000.0
 
 TOLERANCE = 0.001
 FILE_KEYS = ("rule_files", "config", "tests")
-TEST_KEYS = ("name", "vm", "events", "events_file", "expect")
+TEST_KEYS = ("name", "vm", "events", "events_file", "silences", "expect")
+SILENCE_KEYS = ("vm", "rule", "event", "at", "for", "comment")
 EVENT_KEYS = ("at", "event", "data", "vm")
 EXPECT_KEYS = ("rule", "action", "vm", "event", "seq", "at", "with")
 
@@ -103,6 +106,8 @@ class RuleTest:
     inputs: list[ReplayInput]
     start: float | None
     expected: list[Expected]
+    silences: list[tuple[Silence, float, float]] = field(default_factory=list)
+    """Silences with their start and length relative to the first event."""
 
 
 @dataclass
@@ -214,7 +219,30 @@ class _Parser:
             return None
         expect = node["expect"]
         expected = [self.expected(e, expect.loc(i)) for i, e in enumerate(expect)]
-        return RuleTest(name, loc, inputs, start, [e for e in expected if e is not None])
+        silences = self.silences(node) if "silences" in node else []
+        found = [e for e in expected if e is not None]
+        return RuleTest(name, loc, inputs, start, found, silences)
+
+    def silences(self, node: MarkedDict) -> list[tuple[Silence, float, float]]:
+        raw = node["silences"]
+        if not isinstance(raw, MarkedList):
+            self.error(node.loc("silences"), "'silences:' is a list of {vm, rule, event, at, for}")
+            return []
+        found = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, MarkedDict):
+                self.error(raw.loc(i), "a silence is a mapping: {vm, rule, event, at, for}")
+                continue
+            self.unknown(item, SILENCE_KEYS, "a silence")
+            globs = {k: item.get(k, "*") for k in ("vm", "rule", "event")}
+            if not all(isinstance(v, str) for v in globs.values()):
+                self.error(raw.loc(i), "a silence's vm, rule and event are names or globs")
+                continue
+            at = self.duration(item, "at", raw.loc(i)) if "at" in item else 0.0
+            length = self.duration(item, "for", raw.loc(i)) if "for" in item else float("inf")
+            silence = Silence(f"test-{i + 1}", globs["vm"], globs["rule"], globs["event"])
+            found.append((silence, at, length))
+        return found
 
     def events(
         self, node: MarkedDict, name: str, vm: str, loc: Location
@@ -317,9 +345,14 @@ def run_file(test_file: RuleTestFile, action_types: Mapping[str, ActionType]) ->
 
 
 def _run(test: RuleTest, ruleset: Any, qemu_stage: bool) -> Outcome:
-    result = replay(test.inputs, ruleset, qemu_stage=qemu_stage)
     start = test.start if test.start is not None else _first_time(test.inputs)
-    fired = [one for f in result.firings for one in _per_action(f, start)]
+    silences = [
+        replace(s, starts=start + at, ends=start + at + length) for s, at, length in test.silences
+    ]
+    firings: list[Firing] = []
+    sink = SilenceFilter(silences, now=lambda firing: firing.time).wrap(firings.append)
+    result = replay(test.inputs, ruleset, sink=sink, qemu_stage=qemu_stage, collect=False)
+    fired = [one for f in firings for one in _per_action(f, start)]
     missing, unexpected = _compare(test.expected, fired)
     return Outcome(test, missing, unexpected, list(result.problems))
 
