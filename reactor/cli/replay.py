@@ -16,6 +16,7 @@ from reactor.cli._common import (
 from reactor.engine.replay import DryRunWriter, open_inputs, replay
 from reactor.errors import RuleError
 from reactor.model import Envelope, Rule
+from reactor.params.display import escape
 from reactor.rules.compiler import load_rules
 
 
@@ -42,14 +43,13 @@ def register(sub: Any) -> None:
 
 def _explainer(env: Envelope, rule: Rule | None, message: str) -> None:
     who = f"rule {rule.name}" if rule is not None else "event"
-    print(f"seq {env.get('seq')} {env['event']} vm={env['vm']}: {who}: {message}", file=sys.stderr)
+    line = f"seq {env.get('seq')} {env['event']} vm={env['vm']}: {who}: {message}"
+    print(escape(line), file=sys.stderr)
 
 
 def _explain_event(env: Envelope) -> None:
-    print(
-        f"seq {env.get('seq')} {env['event']} vm={env['vm']}: event reaches the rules",
-        file=sys.stderr,
-    )
+    line = f"seq {env.get('seq')} {env['event']} vm={env['vm']}: event reaches the rules"
+    print(escape(line), file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,9 @@
-"""Logging set-up: text for people, JSON lines for log shippers, secrets masked."""
+"""Logging set-up: text for people, JSON lines for log shippers, secrets masked.
+
+Both formats escape control characters (``reactor.params.display``), whatever
+the logger and whoever wrote the message: one record is one line, and nothing
+a guest sends can forge another line or reach the reader's terminal raw.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,35 @@ from typing import Any
 
 import orjson
 
+from reactor.params.display import escape, escape_json
 from reactor.params.secrets import RedactingFilter
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class TextFormatter(logging.Formatter):
+    """``fmt`` (``TEXT_FORMAT``) with the message escaped to one line; a traceback follows indented.
+
+    Every traceback line starts with two spaces, so a message inside it cannot
+    pass for a record of its own either.
+    """
+
+    def __init__(self, fmt: str = TEXT_FORMAT) -> None:
+        super().__init__(fmt)
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = escape(self.formatMessage(record))
+        extra = []
+        if record.exc_info:
+            extra.append(self.formatException(record.exc_info))
+        if record.stack_info:
+            extra.append(self.formatStack(record.stack_info))
+        for text in extra:
+            line += "".join(f"\n  {escape(part)}" for part in text.split("\n"))
+        return line
 
 
 class JsonFormatter(logging.Formatter):
@@ -28,7 +61,7 @@ class JsonFormatter(logging.Formatter):
                 obj[name] = getattr(record, name)
         if record.exc_info:
             obj["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(obj, default=str).decode()
+        return escape_json(orjson.dumps(obj, default=str).decode())
 
 
 def setup_logging(*, verbose: bool, fmt: str, stream: Any = None) -> None:
@@ -37,7 +70,7 @@ def setup_logging(*, verbose: bool, fmt: str, stream: Any = None) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
