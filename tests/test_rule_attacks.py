@@ -7,10 +7,13 @@ characters blocked the loop for seconds, a YAML billion-laughs of 814 bytes ran
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from reactor.rules.compiler import load_rules
 from reactor.rules.regex import compile_search, nested_quantifier
@@ -86,3 +89,83 @@ def test_matches_keeps_search_semantics() -> None:
     search = compile_search("eb")
     assert search("web-1") is not None and search("db") is None
     assert compile_search(r"^\p{L}+$")("héllo") is not None
+
+
+# -- 8: rule files that explode -----------------------------------------------------------------
+
+LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{','.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
+)
+BOMBS = {
+    "laughs": (
+        LAUGHS + "rules:\n  - name: r\n    on: STOP\n"
+        '    actions: [{type: webhook, with: {url: "http://127.0.0.1:9/", body: {k: *i}}}]\n',
+        "6:14: error: more than 250000 values with aliases expanded",
+    ),
+    "brackets": (
+        "rules: " + "[" * 50_000 + "]" * 50_000 + "\n",
+        "1:107: error: nested deeper than 100",
+    ),
+    "nots": (
+        rule("{not: " * 3_000 + "{path: $.vm, equals: x}" + "}" * 3_000),
+        "4:593: error: nested deeper than 100 levels",
+    ),
+    "recursive": ("rules: &r [*r]\n", "1:12: error: alias *r is inside its own anchor"),
+}
+
+
+def _limited() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+def check_bounded(path: Path) -> subprocess.CompletedProcess[str]:
+    """``check`` in a process that may not grow past 2 GiB of address space."""
+    return subprocess.run(
+        [sys.executable, "-m", "reactor", "check", str(path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, preexec_fn=_limited,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("bomb", sorted(BOMBS))
+def test_rule_file_bombs_are_located_errors(tmp_path: Path, bomb: str) -> None:
+    text, expected = BOMBS[bomb]
+    f = tmp_path / f"{bomb}.yaml"
+    f.write_text(text)
+    result = check_bounded(f)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(f"{f}:{expected}"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_huge_rule_file_is_refused_without_reading_it(tmp_path: Path) -> None:
+    f = tmp_path / "huge.yaml"
+    with f.open("wb") as out:
+        out.write(b"rules:\n" + b"  # padding\n" * 300_000)
+        out.truncate(100 << 20)  # 100 MB, the rest a hole: reading it all would show
+    result = check_bounded(f)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"{f}:174764:2: error: file of {100 << 20} bytes is larger than the limit of 2 MiB"
+    )
+
+
+def test_a_configuration_bomb_is_a_located_error_too(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(LAUGHS + "qmp: *i\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "reactor", "run", "--config", str(config)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, preexec_fn=_limited,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"{config}:6:14: error: more than 250000 values" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_rules_nested_just_within_the_limit_load(tmp_path: Path) -> None:
+    f = tmp_path / "deep.yaml"
+    f.write_text(rule("{not: " * 96 + "{path: $.vm, matches: x}" + "}" * 96))
+    rules, diags = load_rules([f])
+    assert diags == [] and len(rules.rules) == 1
+    [compiled] = rules.rules
+    assert compiled.condition is not None
+    assert compiled.condition({"event": "STOP", "vm": "x", "data": {}}) is True  # 96 nots: even
