@@ -7,16 +7,25 @@ characters blocked the loop for seconds, a YAML billion-laughs of 814 bytes ran
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from reactor.actions.prepare import prepare_action
+from reactor.actions.webhook import WEBHOOK, aclose_shared_clients
+from reactor.errors import PermanentActionError
 from reactor.rules.compiler import load_rules
+from reactor.rules.lint import guest_chosen_destination
 from reactor.rules.regex import compile_search, nested_quantifier
+from tests.test_actions_webhook import ENVELOPE, Script, make_ctx
+from tests.test_actions_webhook import server as server  # the HTTP server fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,3 +178,56 @@ def test_rules_nested_just_within_the_limit_load(tmp_path: Path) -> None:
     [compiled] = rules.rules
     assert compiled.condition is not None
     assert compiled.condition({"event": "STOP", "vm": "x", "data": {}}) is True  # 96 nots: even
+
+
+# -- 9: SSRF through a templated URL, CRLF in a templated header --------------------------------
+
+
+def test_check_warns_when_a_url_scheme_or_host_comes_from_event_data(tmp_path: Path) -> None:
+    f = tmp_path / "r.yaml"
+    f.write_text(
+        "rules:\n  - name: r\n    on: STOP\n    actions:\n"
+        '      - {type: webhook, with: {url: "{{ data.reason }}"}}\n'
+        '      - {type: webhook, with: {url: "http://{{ data.host }}:8080/x"}}\n'
+        '      - {type: webhook, with: {url: "https://hooks.example/{{ data.x }}?vm={{ vm }}"}}\n'
+        '      - {type: notify, with: {urls: ["json://{{ envelope.data.h }}/"]}}\n'
+    )
+    result = cli("check", str(f))
+    assert result.returncode == 0, result.stderr  # warnings: a templated host may be meant
+    lines = result.stderr.splitlines()
+    assert [line.split(": warning: ")[0] for line in lines] == [
+        f"{f}:5:37", f"{f}:6:37", f"{f}:8:37",
+    ]  # fmt: skip
+    assert "webhook: url: the scheme or host comes from event data ({{ data.reason }})" in lines[0]
+    assert "(SSRF)" in lines[1] and "notify: urls:" in lines[2]
+    assert cli("check", "--strict", str(f)).returncode == 1
+
+
+def test_guest_chosen_destinations() -> None:
+    flagged = ("{{ data.reason }}", "http://{{ data.h }}/", "http://a:{{ data.port }}/",
+               "http://{{ data.u }}@h/", "{% if data.x %}http://a{% endif %}/")  # fmt: skip
+    for url in flagged:
+        assert guest_chosen_destination(url) is not None, url
+    safe = ("http://h/{{ data.x }}", "https://h/?q={{ data.x }}", "http://{{ vm }}/",
+            "http://h#{{ data.x }}", "https://hooks.example/x")  # fmt: skip
+    for url in safe:
+        assert guest_chosen_destination(url) is None, url
+
+
+def test_crlf_in_a_templated_header_is_permanent_and_nothing_is_sent(
+    server: tuple[str, Script],
+) -> None:
+    url, script = server
+    prepared = prepare_action(WEBHOOK, {"url": url, "headers": {"X-Reason": "{{ data.reason }}"}})
+    hostile = {**ENVELOPE, "data": {"reason": "ok\r\nX-Injected: 1"}}
+    ctx = dataclasses.replace(make_ctx(), envelope=hostile)
+
+    async def go() -> Any:
+        try:
+            return await prepared.run(ctx)
+        finally:
+            await aclose_shared_clients()
+
+    with pytest.raises(PermanentActionError, match=r"header 'X-Reason': control character"):
+        asyncio.run(go())
+    assert script.seen == []
