@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import re
 import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -25,6 +26,7 @@ from pydantic import Field
 
 from reactor import __version__
 from reactor.errors import PermanentActionError, TransientActionError
+from reactor.params.display import escape
 from reactor.params.secrets import redact
 from reactor.params.templates import is_template
 from reactor.plugins.api import ActionContext, ActionParams, ActionType, CheckContext, Duration
@@ -94,6 +96,21 @@ def _body(params: WebhookParams, ctx: ActionContext) -> bytes:
     return json.dumps(payload, default=str, ensure_ascii=False).encode()
 
 
+_BAD_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _header_problem(params: WebhookParams) -> str | None:
+    """Why a (rendered) header cannot be sent: a CR, LF or other control character in it.
+
+    Retrying would send the same text again, so this is a permanent error; the
+    value is not shown (it may hold a secret, and whoever wrote it wants it shown).
+    """
+    for name, value in params.headers.items():
+        if _BAD_HEADER.search(name) or _BAD_HEADER.search(value):
+            return f"header {escape(name)!r}: control character (CR/LF) in the rendered text"
+    return None
+
+
 def _headers(params: WebhookParams, ctx: ActionContext, body: bytes) -> dict[str, str]:
     headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, **params.headers}
     headers["Idempotency-Key"] = ctx.idempotency_key
@@ -139,6 +156,9 @@ async def run_webhook(params: WebhookParams, ctx: ActionContext) -> dict[str, An
     """Send the request; returns the status code, or raises a transient/permanent error."""
     body = _body(params, ctx)
     where = redact(f"webhook {params.method} {params.url}")
+    problem = _header_problem(params)
+    if problem is not None:
+        raise PermanentActionError(redact(f"{where}: {problem}"))
     client = _SHARED.get(params.verify_tls)
     try:
         response = await client.request(
