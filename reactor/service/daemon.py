@@ -30,7 +30,7 @@ from reactor.plugins.manager import Plugins, load_plugins
 from reactor.rules.compiler import require_rules
 from reactor.rules.ruleset import RuleSet
 from reactor.service.config import Config, load_config
-from reactor.service.logs import setup_logging
+from reactor.service.logs import log_dropped, setup_logging
 from reactor.service.metrics import (
     Metrics,
     MetricsServer,
@@ -296,6 +296,7 @@ class Daemon:
         if self.conns is not None:
             await self.conns.aclose()
         if self.reactor is not None:
+            log_dropped(self.reactor.engine.held(), "stopping")
             await self.reactor.stop(self.cfg.shutdown_grace)
         await self.plugins.shutdown()
         log.info("stopped")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
+from reactor.engine.core import Held
 from reactor.params.display import escape, escape_json
 from reactor.params.secrets import RedactingFilter
 
@@ -80,3 +82,40 @@ def setup_logging(*, verbose: bool, fmt: str, stream: Any = None) -> None:
     logging.getLogger("reactor").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("qemu.qmp", "httpx", "httpcore", "apprise"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+DROPPED_SHOWN = 20
+"""Held events named one by one when dropped; the rest are counted."""
+
+
+def log_dropped(held: Sequence[Held], why: str, log: logging.Logger | None = None) -> None:
+    """Say, as warnings, which held events ``why`` (a stop, a reload) drops unfired.
+
+    An event held by QEMU's stage or a rule's ``once_after``/``qemu`` window waits
+    for the window's end; a stop or a reload before it loses the firing, and
+    that must not be silent. The first ``DROPPED_SHOWN`` are named, the rest counted.
+    """
+    if not held:
+        return
+    log = log or logging.getLogger("reactor.engine")
+    log.warning(
+        "%s: %d held event(s) dropped before their window ended; they will not fire",
+        why,
+        len(held),
+    )
+    for item in held[:DROPPED_SHOWN]:
+        env = item.envelope
+        holder = f"rule {item.rule}'s throttle" if item.rule is not None else "QEMU's rate limit"
+        log.warning(
+            "%s: dropped %s on %s (seq %s, %d event(s)) held by %s",
+            why,
+            env.get("event"),
+            env.get("vm"),
+            env.get("seq"),
+            item.events,
+            holder,
+            extra={"vm": env.get("vm"), "event": env.get("event"), "seq": env.get("seq"),
+                   "rule": item.rule, "outcome": "dropped"},
+        )  # fmt: skip
+    if len(held) > DROPPED_SHOWN:
+        log.warning("%s: and %d more held events dropped", why, len(held) - DROPPED_SHOWN)
