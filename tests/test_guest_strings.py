@@ -168,3 +168,18 @@ def test_a_vm_name_from_a_real_qemu_cannot_forge_log_lines(tmp_path: Path) -> No
     log = sidecar.log_text()
     assert_safe_lines(log)
     assert "\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m" in log
+
+
+def test_check_prints_a_key_quoted_from_the_file_escaped(tmp_path: Path) -> None:
+    f = tmp_path / "r.yaml"
+    f.write_text(
+        "rules:\n  - name: r\n    on: STOP\n    actions: [{type: log}]\n"
+        '    "a\\x1b[2J\\nb": 1\n    "a\\x1b[2J\\nb": 2\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "reactor", "check", str(f)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert UNSAFE.search(result.stderr.replace("\n", "")) is None
+    assert f"{f}:6:5: error: duplicate key 'a\\x1b[2J\\nb'" in result.stderr.splitlines()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from reactor.errors import Diagnostic
+from reactor.params.display import escape
 from reactor.service.loader import bundled_rules, rule_paths
 
 __all__ = [
@@ -63,5 +64,5 @@ def print_diagnostics(diags: Sequence[Diagnostic], *, strict: bool = False) -> i
             d = Diagnostic(d.location, d.message, "error")
         if d.severity == "error":
             errors += 1
-        print(d, file=sys.stderr)
+        print(escape(str(d)), file=sys.stderr)  # a key or value quoted from the file
     return errors
