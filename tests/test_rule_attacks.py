@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import resource
 import subprocess
 import sys
@@ -17,13 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reactor.actions.prepare import prepare_action
 from reactor.actions.webhook import WEBHOOK, aclose_shared_clients
 from reactor.errors import PermanentActionError
 from reactor.rules.compiler import load_rules
 from reactor.rules.lint import guest_chosen_destination
-from reactor.rules.regex import compile_search, nested_quantifier
+from reactor.rules.regex import compile_search, nested_quantifier, re2_search
 from tests.test_actions_webhook import ENVELOPE, Script, make_ctx
 from tests.test_actions_webhook import server as server  # the HTTP server fixture
 
@@ -231,3 +234,28 @@ def test_crlf_in_a_templated_header_is_permanent_and_nothing_is_sent(
     with pytest.raises(PermanentActionError, match=r"header 'X-Reason': control character"):
         asyncio.run(go())
     assert script.seen == []
+
+
+_ATOMS = st.sampled_from(["a", "b", "é", ".", "[ab]", "[^a]", "[a-c]", "\\.", "\\n", "-"])
+_PLAIN = st.recursive(
+    st.lists(_ATOMS, min_size=1, max_size=4).map("".join),
+    lambda inner: st.one_of(
+        st.tuples(inner, inner).map(lambda p: f"{p[0]}|{p[1]}"),
+        inner.map(lambda p: f"({p})"),
+        inner.map(lambda p: f"(?:{p})x"),
+        inner.map(lambda p: f"^{p}"),
+    ),
+    max_leaves=6,
+)
+
+
+@given(_PLAIN, st.text(alphabet="abcé.\n-x", max_size=12))
+def test_plain_patterns_match_the_same_with_re_as_with_re2(pattern: str, text: str) -> None:
+    fast, slow = compile_search(pattern), re2_search(pattern)
+    assert isinstance(getattr(fast, "__self__", None), re.Pattern)  # the fast path is taken
+    assert (fast(text) is None) == (slow(text) is None), (pattern, text)
+
+
+def test_patterns_with_repeats_flags_or_classes_go_to_re2() -> None:
+    for pattern in ("^(a+)+$", "a*", "(?i)abc", r"\d", "a$", r"\bx", "a{2}"):
+        assert not isinstance(getattr(compile_search(pattern), "__self__", None), re.Pattern)
