@@ -19,7 +19,9 @@ what the library beneath it raises)::
     ValueError
     ├── TemplateSyntaxProblem    a template that does not compile (reactor.params.templates;
     │                            ``check`` reports it located)
-    └── PathSyntaxError          a JSONPath that does not parse (reactor.rules.paths; same)
+    ├── PathSyntaxError          a JSONPath that does not parse (reactor.rules.paths; same)
+    └── RegexError               a ``matches`` pattern RE2 cannot run in linear time
+                                 (reactor.rules.regex; same)
     qemu.qmp.error.ProtocolError
     └── WireError                a QMP line that is not a JSON object, or too long
                                  (reactor.sources.session; ends that session only)

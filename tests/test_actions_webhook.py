@@ -138,13 +138,17 @@ def attempt(params: WebhookParams, n: int) -> Any:
     return asyncio.run(go())
 
 
-def dispatch(params: dict[str, Any], resolver: SecretResolver | None = None) -> Ran:
+def dispatch(
+    params: dict[str, Any],
+    resolver: SecretResolver | None = None,
+    envelope: dict[str, Any] | None = None,
+) -> Ran:
     """Run as the daemon does: a real dispatcher renders ``params``, the plugin's webhook runs."""
     plugin = Plugin()
     return dispatch_once(
         plugin.action_type,
         params,
-        ENVELOPE,
+        ENVELOPE if envelope is None else envelope,
         rule="panic-hook",
         resolver=resolver,
         closing=plugin.reactor_shutdown,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ from reactor import __version__
 from reactor.actions._webhook_formats import Format, frame, secret_problem
 from reactor.actions._webhook_formats import sign as sign  # the reactor format's recipe
 from reactor.errors import PermanentActionError, TransientActionError
+from reactor.params.display import escape
 from reactor.params.templates import is_template
 from reactor.plugins.api import ActionContext, ActionParams, ActionType, CheckContext, Duration
 from reactor.plugins.hookspecs import Register, hookimpl
@@ -101,6 +103,21 @@ def _body(params: WebhookParams, ctx: ActionContext) -> bytes:
     return json.dumps(payload, default=str, ensure_ascii=False).encode()
 
 
+_BAD_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _header_problem(params: WebhookParams) -> str | None:
+    """Why a (rendered) header cannot be sent: a CR, LF or other control character in it.
+
+    Retrying would send the same text again, so this is a permanent error; the
+    value is not shown (it may hold a secret, and whoever wrote it wants it shown).
+    """
+    for name, value in params.headers.items():
+        if _BAD_HEADER.search(name) or _BAD_HEADER.search(value):
+            return f"header {escape(name)!r}: control character (CR/LF) in the rendered text"
+    return None
+
+
 def _secrets(params: WebhookParams) -> tuple[str, ...]:
     secret = params.secret  # an empty one (an unset-but-empty variable) signs nothing
     return tuple(s for s in ((secret,) if isinstance(secret, str) else secret or ()) if s)
@@ -163,6 +180,9 @@ async def run_webhook(
     redact = ctx.redact
     body, headers = _request(params, ctx)
     where = redact(f"webhook {params.method} {params.url}")
+    problem = _header_problem(params)
+    if problem is not None:
+        raise PermanentActionError(redact(f"{where}: {problem}"))
     client = clients.get(params.verify_tls)
     try:
         response = await client.request(

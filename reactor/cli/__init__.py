@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from reactor import __version__
 from reactor.errors import UserError
+from reactor.params.display import escape
 
 COMMAND_MODULES = (
     "reactor.cli.check",
@@ -61,9 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = args.func(args)
     except UserError as err:
         for diag in err.diagnostics:
-            print(diag, file=sys.stderr)
+            print(escape(str(diag)), file=sys.stderr)
         if not err.diagnostics:
-            print(f"qmp-reactor: error: {err}", file=sys.stderr)
+            print(escape(f"qmp-reactor: error: {err}"), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

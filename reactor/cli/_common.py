@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from reactor.errors import Diagnostic
+from reactor.params.display import escape
 
 
 def add_plugin_args(parser: argparse.ArgumentParser) -> None:
@@ -43,5 +44,5 @@ def print_diagnostics(diags: Sequence[Diagnostic], *, strict: bool = False) -> i
             d = Diagnostic(d.location, d.message, "error")
         if d.severity == "error":
             errors += 1
-        print(d, file=sys.stderr)
+        print(escape(str(d)), file=sys.stderr)  # a key or value quoted from the file
     return errors

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from reactor.demo.run import run_demo
+from reactor.service.logs import TextFormatter
 
 
 def register(sub: Any) -> None:
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo."""
     # What the actions did is part of the show: audit lines and notices go to stdout.
     shown = logging.StreamHandler(sys.stdout)
-    shown.setFormatter(logging.Formatter("         -> %(message)s"))
+    shown.setFormatter(TextFormatter("         -> %(message)s"))
     for name in ("reactor.audit", "reactor.notify"):
         logging.getLogger(name).addHandler(shown)
         logging.getLogger(name).propagate = False

@@ -19,6 +19,7 @@ from typing import Any
 
 from reactor.dispatch.journal import Invocation, Journal, default_state_dir, journal_path
 from reactor.errors import UserError
+from reactor.params.display import escape
 
 
 def register(subparsers: Any) -> None:
@@ -122,11 +123,12 @@ def as_json(inv: Invocation) -> dict[str, Any]:
 
 
 def as_table(dead: list[Invocation]) -> str:
-    """The dead letters as an aligned text table, one line each."""
+    """The dead letters as an aligned text table, one line each, control characters escaped."""
     header = ("ID", "DIED", "RULE", "ACTION", "VM", "EVENT", "ATTEMPTS", "ERROR")
     rows = [header] + [
-        (inv.id, _when(inv.died_at), inv.rule, f"{inv.action_index}:{inv.spec.type}", inv.vm,
-         inv.event, str(inv.attempts), _short(inv.last_error or ""))
+        tuple(escape(cell) for cell in (
+            inv.id, _when(inv.died_at), inv.rule, f"{inv.action_index}:{inv.spec.type}", inv.vm,
+            inv.event, str(inv.attempts), _short(inv.last_error or "")))
         for inv in dead
     ]  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
@@ -137,5 +139,5 @@ def as_table(dead: list[Invocation]) -> str:
 
 
 def _short(text: str, limit: int = 80) -> str:
-    text = " ".join(text.split())
+    text = " ".join(escape(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from reactor.cli._common import add_plugin_args, print_diagnostics, qemu_version_arg
 from reactor.engine.replay import DryRunWriter, open_inputs, replay
 from reactor.model import Envelope, Firing, Rule
+from reactor.params.display import escape
 from reactor.service.generation import Options, load_generation
 
 if TYPE_CHECKING:
@@ -53,14 +54,13 @@ def register(sub: Any) -> None:
 
 def _explainer(env: Envelope, rule: Rule | None, message: str) -> None:
     who = f"rule {rule.name}" if rule is not None else "event"
-    print(f"seq {env.get('seq')} {env['event']} vm={env['vm']}: {who}: {message}", file=sys.stderr)
+    line = f"seq {env.get('seq')} {env['event']} vm={env['vm']}: {who}: {message}"
+    print(escape(line), file=sys.stderr)
 
 
 def _explain_event(env: Envelope) -> None:
-    print(
-        f"seq {env.get('seq')} {env['event']} vm={env['vm']}: event reaches the rules",
-        file=sys.stderr,
-    )
+    line = f"seq {env.get('seq')} {env['event']} vm={env['vm']}: event reaches the rules"
+    print(escape(line), file=sys.stderr)
 
 
 def _silenced(state_dir: Path, explain: bool) -> SilenceFilter:

@@ -20,6 +20,7 @@ from typing import Any
 
 from reactor.errors import ConfigError
 from reactor.model import Envelope
+from reactor.params.display import escape
 from reactor.sources.discovery import check_dial_address, parse_address
 from reactor.sources.manager import ConnectionManager
 
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 def text_line(env: Envelope) -> str:
     """One readable line: local time, VM, event, and the data as compact JSON."""
-    line = f"{_clock(env.get('timestamp'))} {env['vm']} {env['event']}"
+    line = escape(f"{_clock(env.get('timestamp'))} {env['vm']} {env['event']}")
     if env["data"]:
         line += " " + json.dumps(env["data"], separators=(",", ":"))
     return line

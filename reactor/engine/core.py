@@ -11,6 +11,7 @@ the same code runs on the live clock and on replay's virtual clock.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 from reactor.clock import Clock
 from reactor.engine.correlation import Correlator
@@ -24,6 +25,14 @@ Explain = Callable[[Envelope, Rule | None, str], None]
 """``explain(envelope, rule, message)``: why a rule did or did not fire (rule None: the event)."""
 
 _ROUTE_LIMIT = 4096
+
+
+class Held(NamedTuple):
+    """An event held for a window's end: by QEMU's stage (``rule`` None) or a rule's throttle."""
+
+    rule: str | None
+    envelope: Envelope
+    events: int
 
 
 class Engine:
@@ -106,6 +115,17 @@ class Engine:
         """Use a new, fully validated rule set; window state of the old one is dropped."""
         self.rules = rules
         self._make_gates()
+
+    def held(self) -> list[Held]:
+        """Everything waiting for a window's end: QEMU's stage first, then each rule's throttle.
+
+        What a stop now would lose (the current rules' windows only).
+        """
+        stage = self.stage.held() if self.stage is not None else []
+        held = [Held(None, env, count) for env, count in stage]
+        for name, gate in self._gates.items():
+            held.extend(Held(name, env, count) for env, count in gate.held())
+        return held
 
     def feed(self, env: Envelope) -> None:
         """Take one envelope (the only entry point, live and in replay)."""

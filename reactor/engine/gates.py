@@ -178,6 +178,10 @@ class QemuStage:
     def __len__(self) -> int:
         return len(self._windows)
 
+    def held(self) -> list[tuple[Envelope, int]]:
+        """The events held for their window's end (what a stop now would lose)."""
+        return self._windows.held()
+
     @property
     def holds(self) -> int:
         """Events held for later (each one either went out later or was replaced)."""
@@ -250,6 +254,10 @@ class RuleGate:
             self._threshold.drop_vm(vm)
         if self._throttle is not None:
             self._throttle.drop_vm(vm)
+
+    def held(self) -> list[tuple[Envelope, int]]:
+        """The matched events its throttle holds for its windows' ends (once_after, qemu)."""
+        return self._throttle.held() if self._throttle is not None else []
 
     def __len__(self) -> int:
         live = len(self._threshold) if self._threshold is not None else 0

@@ -102,6 +102,10 @@ class Windows(Generic[S]):
         self._due = deque(e for e in self._due if e[1] not in gone)
         self._settle(self._clock.now(), False)  # no window left: the timer goes too
 
+    def held(self) -> list[tuple[Envelope, int]]:
+        """The events waiting for their window's end, with the events each stands for."""
+        return [(s.env, s.count) for s in self._slots.values() if s.env is not None]
+
     def _open(self, key: Hashable, slot: S) -> None:
         """Register ``slot`` (its ``end`` set) as ``key``'s window."""
         self._slots[key] = slot
@@ -220,6 +224,11 @@ class Rotating(Throttle):
         if not self._slots and not self._old and self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def held(self) -> list[tuple[Envelope, int]]:
+        """The events waiting for their window's end, with the events each stands for."""
+        slots = [*self._old.values(), *self._slots.values()]
+        return [(s.env, s.count) for s in slots if s.env is not None]
 
     def _find(self, key: Hashable) -> _Slot | None:
         slot = self._slots.get(key)

@@ -21,7 +21,7 @@ from reactor.params.validation import validate_action
 from reactor.plugins.api import ActionSettings, ActionType
 from reactor.rules import conditions as C
 from reactor.rules.catalog import Catalog, load_catalog
-from reactor.rules.lint import unreachable_threshold
+from reactor.rules.lint import destination_warnings, unreachable_threshold
 from reactor.rules.options import PartsCompiler, RuleScope, did_you_mean
 from reactor.rules.ruleset import RuleSet
 from reactor.rules.versions import release_problems, targets
@@ -342,7 +342,9 @@ def load_rules(
 def rule_warnings(rule: Rule, catalog: Catalog) -> list[Diagnostic]:
     """Warnings about a compiled rule that are not errors (e.g. unreachable thresholds)."""
     message = unreachable_threshold(rule, catalog)
-    return [Diagnostic(rule.location, message, "warning")] if message else []
+    found = [Diagnostic(rule.location, message, "warning")] if message else []
+    found += [Diagnostic(loc, text, "warning") for loc, text in destination_warnings(rule)]
+    return found
 
 
 def require_rules(paths: Sequence[Path], **kwargs: Any) -> tuple[RuleSet, list[Diagnostic]]:

@@ -2,6 +2,7 @@
 
 A condition is ``{path: JSONPATH, OPERATOR: VALUE}`` with exactly one operator,
 or a combinator ``all`` / ``any`` (lists) / ``not`` (one condition), nestable.
+``matches`` searches with RE2 (``reactor.rules.regex``): linear time, whatever the text.
 A path may select several values: the operator holds if it holds for any of
 them; a path that selects nothing makes every operator false but
 ``exists: false``. Values compare as JSON types: ``1 == 1.0``, ``"1" != 1``,
@@ -23,6 +24,7 @@ from typing import Any
 
 from reactor.model import CompiledPath, Envelope
 from reactor.rules.paths import plain_steps
+from reactor.rules.regex import compile_search
 
 Test = Callable[[Any], bool]
 Predicate = Callable[[Envelope], bool]
@@ -135,7 +137,7 @@ def value_test(op: str, value: Any) -> Test:
     if op in ("lt", "le", "gt", "ge"):
         return _order_test(op, value)
     if op == "matches":
-        search = re.compile(value).search
+        search = compile_search(value)
         return lambda x: type(x) is str and search(x) is not None
     if op == "contains":
         return _contains_test(value)
@@ -174,7 +176,7 @@ def _inline_test(op: str, value: Any, x: str, ns: dict[str, Any], n: int) -> str
         ns[f"C{n}"] = _contains_test(value)
         return f"((V{n} in {x}) if type({x}) is str else (type({x}) is list and C{n}({x})))"
     if op == "matches":
-        ns[f"R{n}"] = re.compile(value).search
+        ns[f"R{n}"] = compile_search(value)
         return f"(type({x}) is str and R{n}({x}) is not None)"
     if op in ("lt", "le", "gt", "ge"):
         sym = {"lt": "<", "le": "<=", "gt": ">", "ge": ">="}[op]

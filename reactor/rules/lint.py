@@ -10,6 +10,7 @@ import math
 import re
 from collections.abc import Mapping
 
+from reactor.errors import Location
 from reactor.model import Rule
 from reactor.rules.catalog import Catalog
 
@@ -69,3 +70,59 @@ def _unreachable_message(
         return f"{head}: QEMU rate-limits {types[0]} to one event per second per {per} {tail}"
     each = ", ".join(f"{t} (per {keys[t] or 'VM'})" for t in types)
     return f"{head}: QEMU rate-limits each of {each} to one event per second {tail}"
+
+
+_MARKUP = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.S)
+_GUEST_VARIABLES = re.compile(r"\b(data|envelope)\b")
+URL_PARAMS = ("url", "urls")
+"""Action parameters that name where a request goes (webhook ``url``, notify ``urls``)."""
+
+
+def guest_chosen_destination(url: str) -> str | None:
+    """The template in ``url``'s scheme or host that reads event data, or None.
+
+    Such a URL lets a guest (who writes the data) send our request anywhere: to
+    a metadata service, a loopback admin port, a host on the management network.
+    """
+    parts: list[str] = []
+
+    def mask(m: re.Match[str]) -> str:
+        parts.append(m.group())
+        return f"\x00{len(parts) - 1}\x00"
+
+    masked = _MARKUP.sub(mask, url)
+    scheme_end = masked.find("://")
+    if scheme_end < 0:
+        head = masked  # no literal scheme: a template may supply it, host and all
+    else:
+        rest = masked[scheme_end + 3 :]
+        cut = min([i for i in (rest.find(c) for c in "/?#") if i >= 0], default=len(rest))
+        head = masked[: scheme_end + 3 + cut]
+    for index in re.findall("\x00([0-9]+)\x00", head):
+        if _GUEST_VARIABLES.search(parts[int(index)]):
+            return parts[int(index)]
+    return None
+
+
+def destination_warnings(rule: Rule) -> list[tuple[Location, str]]:
+    """Warnings for URL parameters whose scheme or host come from event data (SSRF)."""
+    found = []
+    for action in rule.actions:
+        for key in URL_PARAMS:
+            value = action.params.get(key)
+            urls = value if isinstance(value, list) else [value]
+            for url in urls:
+                markup = guest_chosen_destination(url) if isinstance(url, str) else None
+                if markup is None:
+                    continue
+                where = action.param_locations.get(key, action.location)
+                found.append((where, _ssrf_message(action.type, key, markup)))
+    return found
+
+
+def _ssrf_message(kind: str, key: str, markup: str) -> str:
+    return (
+        f"{kind}: {key}: the scheme or host comes from event data ({markup}): a guest"
+        " chooses where the request goes (SSRF); write the scheme and host out and"
+        " template only the path or query"
+    )

@@ -9,7 +9,6 @@ whole rule files.
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from reactor.model import CompiledPath, RetryPolicy, Threshold, Throttle
 from reactor.rules import conditions as C
 from reactor.rules.catalog import Catalog
 from reactor.rules.paths import PathSyntaxError, compile_path, data_field
+from reactor.rules.regex import RegexError, compile_search, nested_quantifier
 from reactor.rules.yamlload import MarkedDict, MarkedList, plain
 
 RETRY_KEYS = ("attempts", "initial", "max", "multiplier", "jitter")
@@ -140,16 +140,28 @@ class PartsCompiler:
             if not isinstance(value, str):
                 problem = "'matches' takes a regular expression (text)"
             else:
-                try:
-                    re.compile(value)
-                except re.error as err:
-                    problem = f"invalid regular expression {value!r}: {err}"
+                problem = self._regex_problem(value, loc)
         elif op == "contains" and isinstance(value, dict | list):
             problem = "'contains' takes a single value (text, number, true/false or null)"
         if problem:
             self.error(loc, problem)
             return False
         return True
+
+    def _regex_problem(self, pattern: str, loc: Location) -> str | None:
+        """Why RE2 cannot take ``pattern``, or None; warns about nested quantifiers."""
+        try:
+            compile_search(pattern)
+        except RegexError as err:
+            return f"invalid regular expression {pattern!r}: {err}"
+        if nested_quantifier(pattern):
+            self.warn(
+                loc,
+                f"regular expression {pattern!r} nests a repeat inside a repeat: RE2 matches it"
+                " in linear time, but a backtracking engine (Python re, PCRE) would take"
+                " exponential time; simplify it (e.g. '(a+)+' to 'a+')",
+            )
+        return None
 
     def path(self, text: Any, loc: Location, ctx: RuleScope | None) -> CompiledPath | None:
         """Compile a JSONPath at ``loc``; remembers ``$.data.X`` fields for the catalog check."""

@@ -9,6 +9,7 @@ the string ``"on"``, and a duplicate key is an error instead of a silent overwri
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from reactor.errors import Diagnostic, Location, RuleError
+from reactor.rules.yamllimits import MAX_FILE_BYTES, check_shape, check_size
 
 _BOOL_WORDS = {"on", "off", "yes", "no", "y", "n", "true", "false"}
 
@@ -163,8 +165,10 @@ def load_text(text: str, filename: str) -> Any:
 
     libyaml parses when it is available; if it finds anything wrong, PyYAML's
     own parser reads the text again, so that every message and location are
-    PyYAML's, whichever parser is installed.
+    PyYAML's, whichever parser is installed. Text that nests too deep or whose
+    aliases expand to too much is refused first (``reactor.rules.yamllimits``).
     """
+    check_shape(text, filename)
     if _FastLoader is not None and _FAST_TEXT.match(text) is not None:
         fast = _FastLoader(text)
         fast.filename = filename
@@ -198,13 +202,16 @@ def _load_slowly(text: str, filename: str) -> Any:
 
 
 def load_file(path: Path, display: str | None = None) -> Any:
-    """Read and parse a YAML file; unreadable, binary or invalid files raise RuleError."""
+    """Read and parse a YAML file; unreadable, binary, too big or invalid files raise RuleError."""
     name = display or str(path)
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+            size = os.fstat(f.fileno()).st_size if len(data) > MAX_FILE_BYTES else len(data)
     except OSError as err:
         diag = Diagnostic(Location(name), f"cannot read: {err.strerror or err}")
         raise RuleError("unreadable", [diag]) from err
+    check_size(max(size, len(data)), data, name)
     return load_text(_decode(data, name), name)
 
 

@@ -29,7 +29,7 @@ from reactor.params.secrets import Redactor
 from reactor.plugins.hookspecs import ActionOutcome
 from reactor.service.config import Config
 from reactor.service.generation import Generation, Options, effective_config, load_generation
-from reactor.service.logs import setup_logging
+from reactor.service.logs import log_dropped, setup_logging
 from reactor.service.metrics import (
     Metrics,
     MetricsServer,
@@ -351,6 +351,7 @@ class Daemon:
         if self.conns is not None:
             await self.conns.aclose()
         if self.reactor is not None:
+            log_dropped(self.reactor.engine.held(), "stopping")
             await self.reactor.stop(grace)
         await self.gen.plugins.shutdown()
         log.info("stopped")
