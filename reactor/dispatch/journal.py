@@ -46,7 +46,9 @@ from reactor.dispatch.schema import (
     SCHEMA,
     SCHEMA_VERSION,
     done_runs,
+    encodable,
     from_row,
+    opt_text,
     to_rows,
 )
 from reactor.errors import ConfigError, ReactorError, UserError
@@ -277,8 +279,8 @@ class Journal:
             if inv.status == "done" and inv.attempts == 1 and inv.finished_at is not None:
                 done_at_once.append(inv)
             else:
-                plain.append((inv.status, inv.attempts, inv.last_error, inv.updated_at,
-                              inv.finished_at, inv.row))  # fmt: skip
+                plain.append((encodable(inv.status), inv.attempts, opt_text(inv.last_error),
+                              inv.updated_at, inv.finished_at, inv.row))  # fmt: skip
         db.executemany(
             "UPDATE invocations SET status=?, attempts=?, last_error=?, updated_at=?,"
             " finished_at=? WHERE n=?",

@@ -3,6 +3,12 @@
 The layout is versioned (``SCHEMA_VERSION``, stored in ``schema_version``); a
 change to the tables below needs a new version and an upgrade step in
 ``reactor.dispatch.journal``.
+
+Every text a row holds is valid UTF-8, whatever a peer sent: a string SQLite
+cannot encode (a lone UTF-16 surrogate, which JSON's ``"\\ud800"`` makes) is
+stored with its unencodable characters as backslash escapes (``encodable``); the
+JSON columns escape them as JSON does. The envelope keeps the exact strings,
+so a row read back has the VM and event names the live invocation had.
 """
 
 from __future__ import annotations
@@ -103,6 +109,22 @@ def dumps_data(value: Any) -> str:
         return dumps(value)
 
 
+def encodable(value: str) -> str:
+    """``value`` as UTF-8 can carry it (SQLite, Prometheus): what it cannot, as ``\\udXXX``."""
+    if value.isascii():  # the common case, and a fast check
+        return value
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode()
+    return value
+
+
+def opt_text(value: str | None) -> str | None:
+    """``encodable`` for a column that may be NULL."""
+    return None if value is None else encodable(value)
+
+
 def to_rows(invs: Iterable[Invocation]) -> Iterator[tuple[Any, ...]]:
     """Row tuples; shared envelopes and specs (one firing, one rule) are serialised once."""
     # Keyed by id(): every object stays alive (referenced by ``invs``) for the whole call.
@@ -117,11 +139,12 @@ def to_rows(invs: Iterable[Invocation]) -> Iterator[tuple[Any, ...]]:
         env_json = envelopes.get(key)
         if env_json is None:
             env_json = envelopes[key] = (dumps_data(inv.envelope), dumps_data(inv.context))
+        e = encodable
         yield (
-            inv.id, inv.firing_id, inv.rule, inv.action_index, spec.type, spec_json[0],
-            spec_json[1], spec.timeout, inv.mode, inv.vm, inv.event, inv.seq, env_json[0],
-            env_json[1], inv.status, inv.attempts, inv.created_at, inv.updated_at,
-            inv.finished_at, inv.last_error,
+            e(inv.id), e(inv.firing_id), e(inv.rule), inv.action_index, e(spec.type), spec_json[0],
+            spec_json[1], spec.timeout, e(inv.mode), e(inv.vm), e(inv.event), inv.seq, env_json[0],
+            env_json[1], e(inv.status), inv.attempts, inv.created_at, inv.updated_at,
+            inv.finished_at, opt_text(inv.last_error),
         )  # fmt: skip
 
 
@@ -140,6 +163,7 @@ def done_runs(invs: list[Invocation]) -> Iterator[tuple[float, float, int, int]]
 def from_row(row: sqlite3.Row) -> Invocation:
     """The invocation a row of either table holds."""
     keys = row.keys()
+    envelope = json.loads(row["envelope"])
     spec = ActionSpecData(
         type=row["action_type"],
         params=json.loads(row["params"]),
@@ -148,11 +172,21 @@ def from_row(row: sqlite3.Row) -> Invocation:
     )
     return Invocation(
         id=row["id"], firing_id=row["firing_id"], rule=row["rule"],
-        action_index=row["action_index"], spec=spec, mode=row["mode"], vm=row["vm"],
-        event=row["event"], seq=row["seq"], envelope=json.loads(row["envelope"]),
+        action_index=row["action_index"], spec=spec, mode=row["mode"],
+        vm=_exact(row["vm"], envelope, "vm"), event=_exact(row["event"], envelope, "event"),
+        seq=row["seq"], envelope=envelope,
         context=json.loads(row["context"]), created_at=row["created_at"],
         attempts=row["attempts"], status=row["status"], last_error=row["last_error"],
         updated_at=row["updated_at"], finished_at=row["finished_at"],
         died_at=row["died_at"] if "died_at" in keys else None,
         row=row["n"] if "n" in keys else None,
     )  # fmt: skip
+
+
+def _exact(stored: str, envelope: Any, key: str) -> str:
+    """The envelope's own string when ``stored`` is its escaped form (else ``stored``)."""
+    if stored.isascii() and "\\" in stored and isinstance(envelope, dict):
+        exact = envelope.get(key)
+        if isinstance(exact, str) and encodable(exact) == stored:
+            return exact
+    return stored

@@ -1,0 +1,148 @@
+"""Hostile and unlucky peers against the journal: its write path is total.
+
+* A QMP peer sends strings SQLite cannot encode (lone UTF-16 surrogates: QEMU's
+  JSON parser and Python's ``json`` accept ``"\\ud800"``) as an event name, in
+  event data and in an error reply. The strings are escaped before they reach
+  SQLite; the other VM's actions still run, ``/healthz`` stays 200, SIGTERM
+  saves everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests import fakeqmp
+from tests.support.ops import Receiver, Sidecar
+from tests.test_faults import PeerThread
+
+
+def dlq(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "reactor", "dlq", *args, "--state-dir", str(state)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+EVIL = "EVIL\ud800"
+REFUSAL = "reset refused \udc80"
+EVIL_NAME = "vm\ud800"
+
+
+async def evil_event(peer: fakeqmp.Peer) -> None:
+    """A peer whose event name and data hold lone surrogates, then it refuses a reset."""
+    await peer.handshake()
+    await peer.answer_intro()
+    await peer.send_event(EVIL, {"note": "x\udfff", "k\udc00": 1})
+    await peer.send_event("SUSPEND")
+    while (command := await peer.read_command()) is not None:
+        if command.get("execute") == "system_reset":
+            error = {"class": "GenericError", "desc": REFUSAL}
+            await peer.send({"error": error, "id": command.get("id")})
+        elif not await peer.answer(command):
+            return
+
+
+def good_vm(go: threading.Event) -> fakeqmp.Behaviour:
+    """A well-behaved peer that sends STOP once the test says so."""
+
+    async def behave(peer: fakeqmp.Peer) -> None:
+        await peer.handshake()
+        await peer.answer_intro()
+        await asyncio.to_thread(go.wait, 60)
+        await peer.send_event("STOP")
+        await peer.serve_commands()
+
+    return behave
+
+
+class EvilClient:
+    """A QEMU that connects to the sidecar's listener and calls itself ``vm\\ud800``."""
+
+    def __init__(self, listen: Path) -> None:
+        self.listen = listen
+        self.thread = threading.Thread(target=asyncio.run, args=(self.main(),), daemon=True)
+        self.done = threading.Event()
+
+    async def main(self) -> None:
+        while not self.listen.exists() and not self.done.is_set():
+            await asyncio.sleep(0.05)
+        reader, writer = await asyncio.open_unix_connection(str(self.listen))
+        peer = fakeqmp.Peer(reader, writer)
+        peer.name = EVIL_NAME
+        try:
+            await peer.handshake()
+            await peer.answer_intro()
+            await peer.send_event("RESUME")
+            while not self.done.is_set() and (command := await peer.read_command()):
+                await peer.answer(command)
+        finally:
+            writer.close()
+
+    def __enter__(self) -> EvilClient:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join(30)
+
+
+def rules(url: str) -> dict[str, Any]:
+    once = {"attempts": 1}
+    status = {"type": "qmp", "with": {"command": "query-status"}, "retry": once}
+    return {
+        "rules": [
+            {"name": "all", "on": "*", "when": {"path": "$.vm", "not_equals": "good"},
+             "actions": [status]},
+            {"name": "reset", "on": "SUSPEND", "actions": [
+                {"type": "qmp", "with": {"command": "system_reset"}, "retry": once}]},
+            {"name": "good", "on": "STOP", "actions": [
+                {"type": "webhook", "with": {"url": url}, "retry": once}]},
+        ]
+    }  # fmt: skip
+
+
+def test_unencodable_strings_from_peers_stop_no_one(tmp_path: Path) -> None:
+    receiver = Receiver()
+    rule_file = tmp_path / "rules.yaml"
+    rule_file.write_text(yaml.safe_dump(rules(receiver.url)))
+    go = threading.Event()
+    evil, good, listen = tmp_path / "evil.qmp", tmp_path / "good.qmp", tmp_path / "in.sock"
+    config = {"rules": [str(rule_file)], "qmp": [str(evil), str(good)], "listen": str(listen)}
+    try:
+        with (
+            PeerThread(evil, evil_event),
+            PeerThread(good, good_vm(go)),
+            Sidecar(tmp_path, config) as car,
+            EvilClient(listen),
+        ):
+            car.start()
+            car.wait_log("good: connected")
+            # The reset's refusal comes after the evil event: its dead letter says both passed.
+            car.wait_metric(lambda s: s.value("qmp_reactor_dead_letters") == 1, 30)
+            car.wait_log(r"qmp ok rule=all vm=vm\\+ud800", 30)
+            go.set()
+            receiver.wait(lambda r: len(r.delivered) == 1, 30, "the good VM's STOP")
+            status, health = car.healthz()
+            samples = car.wait_metric(lambda s: s.value("qmp_reactor_journal_backlog") == 0, 30)
+            assert car.stop() == 0
+        listed = dlq(tmp_path / "state", "list", "--json")
+    finally:
+        receiver.close()
+    assert status == 200, health
+    log = car.log_text()
+    assert "not saved" not in log and "Traceback" not in log
+    assert samples.value("qmp_reactor_dead_letters") == 1
+    assert samples.value("qmp_reactor_events_total", vm="evil", event="EVIL\\ud800") == 1
+    (body,) = [json.loads(body) for _, body in receiver.requests]
+    assert (body["event"]["vm"], body["event"]["event"]) == ("good", "STOP")
+    (dead,) = json.loads(listed.stdout)
+    assert dead["rule"] == "reset" and dead["last_error"].endswith("reset refused \\udc80")
