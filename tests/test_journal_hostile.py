@@ -5,6 +5,9 @@
   event data and in an error reply. The strings are escaped before they reach
   SQLite; the other VM's actions still run, ``/healthz`` stays 200, SIGTERM
   saves everything.
+* A row that still cannot be written (here a number SQLite cannot hold) is
+  quarantined as a dead letter with the reason, in the same transaction as the
+  rows beside it, which run; it is never retried with them.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from typing import Any
 
 import yaml
 
+from reactor.dispatch.journal import Journal
+from reactor.plugins.api import ActionContext
 from tests import fakeqmp
 from tests.support.ops import Receiver, Sidecar
 from tests.test_faults import PeerThread
+from tests.test_journal import big_firing, dispatcher
 
 
 def dlq(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -146,3 +152,33 @@ def test_unencodable_strings_from_peers_stop_no_one(tmp_path: Path) -> None:
     assert (body["event"]["vm"], body["event"]["event"]) == ("good", "STOP")
     (dead,) = json.loads(listed.stdout)
     assert dead["rule"] == "reset" and dead["last_error"].endswith("reset refused \\udc80")
+
+
+def test_a_row_that_cannot_be_written_is_quarantined_not_retried(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite3"
+    calls: list[ActionContext] = []
+
+    async def main() -> None:
+        journal = Journal(path)
+        d = dispatcher(journal, calls)
+        await d.start()
+        bad = big_firing(2**70)  # beyond SQLite's 64-bit integers
+        for firing in (big_firing(1), bad, big_firing(2)):
+            d.submit(firing)
+        async with asyncio.timeout(30):
+            await d.drain()
+        assert d.healthy and d.backlog == 0 and d.dead_letters == 1
+        await d.shutdown(0)
+        journal.close()
+
+    asyncio.run(main())
+    assert sorted(c.envelope["seq"] for c in calls) == [1, 2]
+    journal = Journal(path)
+    try:
+        (dead,) = journal.dead_letters()
+        assert journal.pending() == []
+    finally:
+        journal.close()
+    assert dead.last_error is not None and dead.last_error.startswith("quarantined: ")
+    assert "OverflowError" in dead.last_error and dead.seq is None
+    assert dead.envelope["seq"] == 2**70 and dead.rule == "big"  # the rest kept as it was

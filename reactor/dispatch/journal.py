@@ -32,7 +32,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +49,7 @@ from reactor.dispatch.schema import (
     encodable,
     from_row,
     opt_text,
+    quarantine_row,
     to_rows,
 )
 from reactor.errors import ConfigError, ReactorError, UserError
@@ -76,6 +77,15 @@ class JournalError(ReactorError):
     """A journal read or write failed (disk full, read-only, I/O error); the cause is kept."""
 
 
+# What one row can raise that writing it again cannot mend: a string SQLite cannot encode,
+# a number it cannot hold, a value it cannot bind, a broken constraint. The disk's own
+# failures (full, read-only, I/O) are OperationalError: those are retried, not these.
+ROW_ERRORS = (
+    ValueError, TypeError, OverflowError, sqlite3.IntegrityError, sqlite3.DataError,
+    sqlite3.InterfaceError, sqlite3.ProgrammingError,
+)  # fmt: skip
+
+
 def default_state_dir() -> Path:
     """``/var/lib/qmp-reactor`` if it is (or can be made) writable, else ``./.qmp-reactor``."""
     path = SYSTEM_STATE_DIR
@@ -97,6 +107,8 @@ class JournalBatch:
     inserts: list[Invocation] = field(default_factory=list)
     updates: dict[str, Invocation] = field(default_factory=dict)
     dead: dict[str, Invocation] = field(default_factory=dict)
+    quarantined: list[Invocation] = field(default_factory=list)
+    """Filled by the write: invocations whose own row could not be written, now dead letters."""
 
     def __len__(self) -> int:
         return len(self.inserts) + len(self.updates) + len(self.dead)
@@ -232,9 +244,62 @@ class Journal:
             self._db.execute("ROLLBACK")
 
     def _write(self, db: sqlite3.Connection, batch: JournalBatch) -> None:
-        self._insert(db, batch.inserts)
-        self._update(db, batch.updates.values())
-        self._bury(db, batch.dead.values())
+        db.execute("SAVEPOINT batch")
+        try:
+            self._insert(db, batch.inserts)
+            self._update(db, batch.updates.values())
+            self._bury(db, batch.dead.values())
+        except ROW_ERRORS:
+            # One row cannot be written: the others must not wait for it. Row by row,
+            # each failing one goes to the dead letters (the rare path, so slow is fine).
+            db.execute("ROLLBACK TO batch")
+            self._write_each(db, batch)
+        db.execute("RELEASE batch")
+
+    def _write_each(self, db: sqlite3.Connection, batch: JournalBatch) -> None:
+        for inv in batch.inserts:
+            inv.row = None
+            self._write_one(db, batch, inv, self._insert)
+        for inv in batch.updates.values():
+            self._write_one(db, batch, inv, self._update)
+        for inv in batch.dead.values():
+            self._write_one(db, batch, inv, self._bury)
+
+    def _write_one(
+        self,
+        db: sqlite3.Connection,
+        batch: JournalBatch,
+        inv: Invocation,
+        write: Callable[[sqlite3.Connection, list[Invocation]], None],
+    ) -> None:
+        db.execute("SAVEPOINT one")
+        try:
+            write(db, [inv])
+        except ROW_ERRORS as err:
+            db.execute("ROLLBACK TO one")
+            self._quarantine(db, inv, err)
+            batch.quarantined.append(inv)
+        db.execute("RELEASE one")
+
+    def _quarantine(self, db: sqlite3.Connection, inv: Invocation, err: Exception) -> None:
+        """Make ``inv`` a dead letter from a row built to be writable; the reason is its error."""
+        reason = f"quarantined: the journal cannot store it: {type(err).__name__}: {err}"
+        inv.status, inv.died_at, inv.last_error = "dead", time.time(), encodable(reason)
+        if inv.row is not None:
+            db.execute("DELETE FROM invocations WHERE n=?", (inv.row,))
+        inv.row = None
+        try:
+            db.execute(
+                f"INSERT OR REPLACE INTO dead_letters ({COLS}, died_at) VALUES ({MARKS}, ?)",
+                (*quarantine_row(inv), inv.died_at),
+            )
+        except ROW_ERRORS as again:
+            log.error("journal %s: invocation %s could not be stored even as a dead letter, "
+                      "dropped: %s; then: %s", self.path, encodable(str(inv.id)), reason,
+                      again)  # fmt: skip
+            return
+        log.error("journal %s: invocation %s of rule %s for vm %s %s", self.path, inv.id,
+                  encodable(repr(inv.rule)), encodable(repr(inv.vm)), reason)  # fmt: skip
 
     def add_many(self, invs: Sequence[Invocation]) -> None:
         """Write new invocations (one transaction)."""

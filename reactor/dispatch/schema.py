@@ -190,3 +190,46 @@ def _exact(stored: str, envelope: Any, key: str) -> str:
         if isinstance(exact, str) and encodable(exact) == stored:
             return exact
     return stored
+
+
+def quarantine_row(inv: Invocation) -> tuple[Any, ...]:
+    """A dead-letter row (without ``died_at``) SQLite takes whatever ``inv`` holds.
+
+    Every text escaped, a number SQLite cannot hold dropped, JSON built leniently:
+    for an invocation whose own row could not be written.
+    """
+    spec = inv.spec
+    try:
+        retry = dumps(asdict(spec.retry))
+    except Exception:  # not a RetryPolicy at all: the default one reads back
+        retry = dumps(asdict(RetryPolicy()))
+    return (
+        _text(inv.id), _text(inv.firing_id), _text(inv.rule), _int(inv.action_index, 0),
+        _text(spec.type), _object(spec.params), retry, _float(spec.timeout), _text(inv.mode),
+        _text(inv.vm), _text(inv.event), _int(inv.seq, None), _object(inv.envelope),
+        _object(inv.context), "dead", _int(inv.attempts, 0), _float(inv.created_at),
+        _float(inv.updated_at), None, _text(inv.last_error),
+    )  # fmt: skip
+
+
+def _text(value: Any) -> str:
+    return encodable(value if isinstance(value, str) else repr(value))
+
+
+def _int(value: Any, default: int | None) -> int | None:
+    return value if isinstance(value, int) and -(2**63) <= value < 2**63 else default
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+
+
+def _object(value: Any) -> str:
+    """A JSON object: ``value`` if it is a mapping JSON can hold, else its ``repr``."""
+    try:
+        return dumps(dict(value))
+    except Exception:
+        return dumps({"unserialisable": _text(value)[:2000]})
