@@ -8,12 +8,16 @@
 * A row that still cannot be written (here a number SQLite cannot hold) is
   quarantined as a dead letter with the reason, in the same transaction as the
   rows beside it, which run; it is never retried with them.
+* An emptied journal (0 bytes where 200 invocations were) or a damaged page is
+  refused with one line that says how to start over on purpose; a row that
+  cannot be read is quarantined at start and the others run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -22,19 +26,23 @@ from typing import Any
 
 import yaml
 
-from reactor.dispatch.journal import Journal
+from reactor.dispatch.journal import ActionSpecData, Invocation, Journal, new_id
+from reactor.model import RetryPolicy
 from reactor.plugins.api import ActionContext
 from tests import fakeqmp
-from tests.support.ops import Receiver, Sidecar
+from tests.support.ops import Receiver, Sidecar, webhook_rule, write_rules
 from tests.test_faults import PeerThread
-from tests.test_journal import big_firing, dispatcher
+from tests.test_journal import big_firing, dispatcher, make
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "reactor", *argv], capture_output=True, text=True, timeout=60
+    )
 
 
 def dlq(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "reactor", "dlq", *args, "--state-dir", str(state)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    return cli("dlq", *args, "--state-dir", str(state))
 
 
 EVIL = "EVIL\ud800"
@@ -182,3 +190,87 @@ def test_a_row_that_cannot_be_written_is_quarantined_not_retried(tmp_path: Path)
     assert dead.last_error is not None and dead.last_error.startswith("quarantined: ")
     assert "OverflowError" in dead.last_error and dead.seq is None
     assert dead.envelope["seq"] == 2**70 and dead.rule == "big"  # the rest kept as it was
+
+
+def journal_with(state: Path, invs: list[Invocation]) -> Path:
+    path = state / "journal.sqlite3"
+    journal = Journal(path)
+    journal.add_many(invs)
+    journal.close()
+    return path
+
+
+def refusal(tmp_path: Path) -> list[str]:
+    """The errors of ``run`` and ``dlq list`` on the state directory, each one line."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules: []\n")
+    state = str(tmp_path / "state")
+    run = cli("run", "--rules", str(rules), "--state-dir", state, "--plugin-dir", state)
+    listed = cli("dlq", "list", "--state-dir", state)
+    assert (run.returncode, listed.returncode) == (1, 1), run.stderr + listed.stderr
+    errors = [line for line in (run.stderr + listed.stderr).splitlines() if "error" in line]
+    assert "Traceback" not in run.stderr + listed.stderr and len(errors) == 2
+    return errors
+
+
+def test_an_emptied_journal_is_refused_not_started_fresh(tmp_path: Path) -> None:
+    path = journal_with(tmp_path / "state", make(200))
+    path.write_bytes(b"")
+    for line in refusal(tmp_path):
+        assert f"the journal {path} is empty" in line
+        assert f"to start over on purpose, move it away (mv {path} {path}.broken)" in line
+    assert path.stat().st_size == 0  # left for the operator to look at, not made anew
+    path.rename(f"{path}.broken")  # the documented way to start over
+    journal = Journal(path)
+    assert journal.pending() == []
+    journal.close()
+
+
+def test_a_damaged_page_is_refused_with_one_line(tmp_path: Path) -> None:
+    path = journal_with(tmp_path / "state", make(200))
+    with path.open("r+b") as f:  # a page of the rows, overwritten
+        f.seek(4096 * 9 + 8)
+        f.write(bytes(range(256)) * 8)
+    for line in refusal(tmp_path):
+        assert f"the journal {path} is damaged: On tree page 10" in line
+        assert f"(mv {path} {path}.broken)" in line
+
+
+def webhooks(url: str, count: int) -> list[Invocation]:
+    spec = ActionSpecData("webhook", {"url": url}, RetryPolicy(attempts=1), 10.0)
+    invs = []
+    for seq in range(1, count + 1):
+        env = {"event": "STOP", "vm": "vm1", "seq": seq, "data": {}}
+        inv_id = new_id()
+        invs.append(Invocation(id=inv_id, firing_id=inv_id, rule="hook", action_index=0,
+                               spec=spec, mode="parallel", vm="vm1", event="STOP", seq=seq,
+                               envelope=env, context={}, created_at=1.0))  # fmt: skip
+    return invs
+
+
+def test_unreadable_rows_are_quarantined_and_the_others_run(tmp_path: Path) -> None:
+    receiver = Receiver()
+    invs = webhooks(receiver.url, 5)
+    path = journal_with(tmp_path / "state", invs)
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE invocations SET envelope = '{not json' WHERE id = ?", (invs[1].id,))
+        db.execute("UPDATE invocations SET retry = '[]' WHERE id = ?", (invs[2].id,))
+        db.execute("UPDATE invocations SET vm = CAST(x'ff' AS TEXT) WHERE id = ?", (invs[3].id,))
+    db.close()
+    rules = write_rules(tmp_path / "rules.yaml", webhook_rule("hook", "STOP", receiver.url))
+    try:
+        with Sidecar(tmp_path, {"rules": [str(rules)]}) as car:
+            car.start().wait_log("resuming 3 unfinished invocations")
+            receiver.wait(lambda r: len(r.delivered) == 3, 30, "the readable rows")
+            status, _ = car.healthz()
+            assert car.stop() == 0
+        listed = dlq(tmp_path / "state", "list", "--json")
+    finally:
+        receiver.close()
+    assert receiver.keys_delivered() == {invs[0].id, invs[3].id, invs[4].id}
+    assert status == 200 and "Traceback" not in car.log_text()
+    dead = {d["id"]: d for d in json.loads(listed.stdout)}
+    assert set(dead) == {invs[1].id, invs[2].id}
+    assert dead[invs[1].id]["last_error"].startswith("quarantined: unreadable row: JSONDecode")
+    assert dead[invs[2].id]["last_error"].startswith("quarantined: unreadable row: TypeError")
+    assert "cannot be read, moved to the dead letters" in car.log_text()

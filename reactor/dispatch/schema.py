@@ -233,3 +233,45 @@ def _object(value: Any) -> str:
         return dumps(dict(value))
     except Exception:
         return dumps({"unserialisable": _text(value)[:2000]})
+
+
+def loose_row(row: sqlite3.Row) -> Invocation:
+    """``from_row`` for a row that may be damaged (a quarantined one): never raises.
+
+    A JSON column that does not parse becomes ``{"unreadable": its text}``; any
+    other value of the wrong type its column's empty value.
+    """
+    try:
+        return from_row(row)
+    except Exception:  # damaged: rebuild it column by column
+        pass
+    keys = row.keys()
+    try:
+        retry = RetryPolicy(**json.loads(row["retry"]))
+    except Exception:
+        retry = RetryPolicy()
+    spec = ActionSpecData(_str(row["action_type"]), _loads(row["params"]), retry,
+                          _float(row["timeout"]))  # fmt: skip
+    return Invocation(
+        id=_str(row["id"]), firing_id=_str(row["firing_id"]), rule=_str(row["rule"]),
+        action_index=_int(row["action_index"], 0) or 0, spec=spec, mode=_str(row["mode"]),
+        vm=_str(row["vm"]), event=_str(row["event"]), seq=_int(row["seq"], None),
+        envelope=_loads(row["envelope"]), context=_loads(row["context"]),
+        created_at=_float(row["created_at"]), attempts=_int(row["attempts"], 0) or 0,
+        status=_str(row["status"]), last_error=_str(row["last_error"]),
+        updated_at=_float(row["updated_at"]), finished_at=None,
+        died_at=_float(row["died_at"]) if "died_at" in keys else None,
+        row=row["n"] if "n" in keys else None,
+    )  # fmt: skip
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else "" if value is None else repr(value)
+
+
+def _loads(text: Any) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except Exception:
+        return {"unreadable": _str(text)[:2000]}
+    return value if isinstance(value, dict) else {"unreadable": _str(text)[:2000]}
