@@ -11,6 +11,8 @@
 * An emptied journal (0 bytes where 200 invocations were) or a damaged page is
   refused with one line that says how to start over on purpose; a row that
   cannot be read is quarantined at start and the others run.
+* A secret with quotes and backslashes that a receiver echoes back JSON-escaped
+  (and URL-encoded) is masked in the log, ``dlq list`` and the journal.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -274,3 +277,53 @@ def test_unreadable_rows_are_quarantined_and_the_others_run(tmp_path: Path) -> N
     assert dead[invs[1].id]["last_error"].startswith("quarantined: unreadable row: JSONDecode")
     assert dead[invs[2].id]["last_error"].startswith("quarantined: unreadable row: TypeError")
     assert "cannot be read, moved to the dead letters" in car.log_text()
+
+
+TOKEN = 'Tk"q8\\Zr2/Vt 5<Wx>1'
+
+
+def echo_escaped(path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+    """400 with a JSON body that repeats the credentials (JSON-escaped) and the URL as sent."""
+    return 400, json.dumps(
+        {"error": "refused", "auth": headers["Authorization"], "url": path}
+    ).encode()
+
+
+async def one_stop(peer: fakeqmp.Peer) -> None:
+    await peer.handshake()
+    await peer.answer_intro()
+    await peer.send_event("STOP")
+    await peer.serve_commands()
+
+
+def test_a_secret_echoed_back_escaped_is_masked(tmp_path: Path) -> None:
+    receiver = Receiver(answer=echo_escaped)
+    url = receiver.url + "?token=${env:TOKEN}"
+    hook = webhook_rule("hook", "STOP", url, action={"retry": {"attempts": 1}})
+    hook["actions"][0]["with"]["headers"] = {"Authorization": "Bearer ${env:TOKEN}"}
+    rules = write_rules(tmp_path / "rules.yaml", hook)
+    sock = tmp_path / "vm1.qmp"
+    config = {"rules": [str(rules)], "qmp": [str(sock)]}
+    try:
+        with PeerThread(sock, one_stop), Sidecar(tmp_path, config, env={"TOKEN": TOKEN}) as car:
+            car.start()
+            car.wait_metric(lambda s: s.value("qmp_reactor_dead_letters") == 1, 30)
+            assert car.stop() == 0
+    finally:
+        receiver.close()
+    state = tmp_path / "state"
+    outputs = {"log": car.log_text()}
+    outputs["dlq list"] = dlq(state, "list").stdout
+    outputs["dlq list --json"] = dlq(state, "list", "--json").stdout
+    outputs.update({f.name: f.read_bytes().decode("latin-1") for f in state.iterdir()})
+    ((headers, _),) = receiver.requests
+    assert headers["Authorization"] == f"Bearer {TOKEN}"  # the receiver got the real one
+    forms = {TOKEN, json.dumps(TOKEN)[1:-1], urllib.parse.quote(TOKEN, safe="/")}
+    assert {name: [f for f in forms if f in text] for name, text in outputs.items()} == {
+        name: [] for name in outputs
+    }
+    (dead,) = json.loads(outputs["dlq list --json"])
+    assert (
+        dead["last_error"].startswith("webhook POST")
+        and '"auth": "Bearer ***"' in dead["last_error"]
+    )
