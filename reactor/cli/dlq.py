@@ -13,11 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from reactor.dispatch.journal import Invocation, Journal, default_state_dir, journal_path
+from reactor.dispatch.journal import (
+    Invocation,
+    Journal,
+    JournalError,
+    default_state_dir,
+    journal_path,
+)
 from reactor.errors import UserError
 from reactor.params.display import escape
 
@@ -52,19 +60,31 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 
 def _open(args: argparse.Namespace) -> Journal | None:
-    """The journal of the state directory, or None if there is none (nothing is created)."""
+    """The journal of the state directory, or None if there is none (nothing is created).
+
+    An emptied or damaged journal is a ``ConfigError`` that says how to start over.
+    """
     path = journal_path(_state_dir(args))
     return Journal(path) if path.exists() else None
+
+
+@contextmanager
+def _reading(journal: Journal | None) -> Iterator[None]:
+    """Close ``journal`` at the end; a failed read or write is one line, not a traceback."""
+    try:
+        yield
+    except JournalError as err:
+        raise UserError(str(err)) from err
+    finally:
+        if journal:
+            journal.close()
 
 
 def run_list(args: argparse.Namespace) -> int:
     """Print the dead letters; 0 (also when there are none)."""
     journal = _open(args)
-    try:
+    with _reading(journal):
         dead = journal.dead_letters() if journal else []
-    finally:
-        if journal:
-            journal.close()
     if args.json:
         json.dump([as_json(inv) for inv in dead], sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -79,10 +99,8 @@ def _change(args: argparse.Namespace, verb: str) -> int:
     journal = _open(args)
     if journal is None:
         raise UserError(f"no journal in {_state_dir(args)} (is --state-dir right?)")
-    try:
+    with _reading(journal):
         done = journal.requeue(args.ids) if verb == "requeued" else journal.drop(args.ids)
-    finally:
-        journal.close()
     for inv_id in done:
         print(f"{verb} {inv_id}")
     return 0

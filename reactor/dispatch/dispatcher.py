@@ -272,7 +272,10 @@ class Dispatcher:
             for inv in run.invocations:
                 if run.cancelled:
                     break
-                await self._runner.run(inv)
+                if inv.status == "dead":  # quarantined by the journal: its row is a dead letter
+                    self._runner.report(inv, "dead")
+                else:
+                    await self._runner.run(inv)
                 self._open -= 1
         except asyncio.CancelledError:
             if not run.cancelled or self._stopping:

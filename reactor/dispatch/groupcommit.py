@@ -13,7 +13,9 @@ thousands per commit (at most ``max_rows`` new rows each).
 
 A failed write (disk full, read-only state directory) keeps the batch in
 memory, sets ``healthy`` to false, logs once per failure streak and retries
-with backoff; the work it held is delayed, not lost.
+with backoff; the work it held is delayed, not lost. A row that cannot be
+written at all (the journal says which) is not retried: the journal makes it a
+dead letter in the same transaction, and it never runs.
 
 Overload is another matter: a healthy journal that cannot keep up with the
 events. Past ``high_water`` unwritten rows, ``backpressure()`` makes its callers
@@ -220,6 +222,7 @@ class Outbox:
         finally:
             self._writing = False
         self._recovered()
+        self.dead_letters += len(taken.batch.quarantined)
         for _, then in taken.groups:
             if then is not None:
                 then()

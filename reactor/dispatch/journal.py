@@ -32,7 +32,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +46,11 @@ from reactor.dispatch.schema import (
     SCHEMA,
     SCHEMA_VERSION,
     done_runs,
+    encodable,
     from_row,
+    loose_row,
+    opt_text,
+    quarantine_row,
     to_rows,
 )
 from reactor.errors import ConfigError, ReactorError, UserError
@@ -74,6 +78,15 @@ class JournalError(ReactorError):
     """A journal read or write failed (disk full, read-only, I/O error); the cause is kept."""
 
 
+# What one row can raise that writing it again cannot mend: a string SQLite cannot encode,
+# a number it cannot hold, a value it cannot bind, a broken constraint. The disk's own
+# failures (full, read-only, I/O) are OperationalError: those are retried, not these.
+ROW_ERRORS = (
+    ValueError, TypeError, OverflowError, sqlite3.IntegrityError, sqlite3.DataError,
+    sqlite3.InterfaceError, sqlite3.ProgrammingError,
+)  # fmt: skip
+
+
 def default_state_dir() -> Path:
     """``/var/lib/qmp-reactor`` if it is (or can be made) writable, else ``./.qmp-reactor``."""
     path = SYSTEM_STATE_DIR
@@ -95,6 +108,8 @@ class JournalBatch:
     inserts: list[Invocation] = field(default_factory=list)
     updates: dict[str, Invocation] = field(default_factory=dict)
     dead: dict[str, Invocation] = field(default_factory=dict)
+    quarantined: list[Invocation] = field(default_factory=list)
+    """Filled by the write: invocations whose own row could not be written, now dead letters."""
 
     def __len__(self) -> int:
         return len(self.inserts) + len(self.updates) + len(self.dead)
@@ -132,11 +147,20 @@ class Journal:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if exclusive:
                 self._lockfile = _lock_beside(self.path)
+            if not self.path.exists():
+                _create(self.path)
+            elif self.path.stat().st_size == 0:
+                empty = (
+                    f"the journal {self.path} is empty: it was emptied, the work it held is gone"
+                )
+                raise ConfigError(_refusal(self.path, empty))
             self._db = sqlite3.connect(
                 self.path, timeout=10.0, isolation_level=None, check_same_thread=False
             )
-        except (OSError, sqlite3.Error) as err:
+        except (OSError, sqlite3.Error, ConfigError) as err:
             self._unlock()
+            if isinstance(err, ConfigError):
+                raise
             raise ConfigError(f"cannot open the journal {self.path}: {err}") from err
         self._db.row_factory = sqlite3.Row
         try:
@@ -146,7 +170,9 @@ class Journal:
             self._unlock()
             if isinstance(err, UserError):
                 raise
-            raise ConfigError(f"cannot open the journal {self.path}: {err}") from err
+            raise ConfigError(
+                _refusal(self.path, f"cannot open the journal {self.path}: {err}")
+            ) from err
 
     def _setup(self, max_bytes: int | None) -> None:
         db = self._db
@@ -157,16 +183,20 @@ class Journal:
         self.set_max_bytes(max_bytes)
         with self._transaction():
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if "schema_version" not in tables:
-                for statement in SCHEMA:
-                    db.execute(statement)
-                db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+            if "schema_version" not in tables:  # a file with no tables holds no work
+                _create_tables(db)
         version = db.execute("SELECT version FROM schema_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise ConfigError(
                 f"the journal {self.path} has schema version {version}; this qmp-reactor "
                 f"knows up to {SCHEMA_VERSION}: upgrade qmp-reactor"
             )
+        # A damaged page found now, not half-way through the work (or a dlq retry).
+        problem = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+        if problem != "ok":
+            lines = [line for line in problem.splitlines() if not line.startswith("***")]
+            damaged = f"the journal {self.path} is damaged: {' '.join(lines)}"
+            raise ConfigError(_refusal(self.path, damaged))
 
     def set_max_bytes(self, max_bytes: int | None) -> None:
         """Cap the journal's size (``None``: no cap beyond the disk's)."""
@@ -230,9 +260,62 @@ class Journal:
             self._db.execute("ROLLBACK")
 
     def _write(self, db: sqlite3.Connection, batch: JournalBatch) -> None:
-        self._insert(db, batch.inserts)
-        self._update(db, batch.updates.values())
-        self._bury(db, batch.dead.values())
+        db.execute("SAVEPOINT batch")
+        try:
+            self._insert(db, batch.inserts)
+            self._update(db, batch.updates.values())
+            self._bury(db, batch.dead.values())
+        except ROW_ERRORS:
+            # One row cannot be written: the others must not wait for it. Row by row,
+            # each failing one goes to the dead letters (the rare path, so slow is fine).
+            db.execute("ROLLBACK TO batch")
+            self._write_each(db, batch)
+        db.execute("RELEASE batch")
+
+    def _write_each(self, db: sqlite3.Connection, batch: JournalBatch) -> None:
+        for inv in batch.inserts:
+            inv.row = None
+            self._write_one(db, batch, inv, self._insert)
+        for inv in batch.updates.values():
+            self._write_one(db, batch, inv, self._update)
+        for inv in batch.dead.values():
+            self._write_one(db, batch, inv, self._bury)
+
+    def _write_one(
+        self,
+        db: sqlite3.Connection,
+        batch: JournalBatch,
+        inv: Invocation,
+        write: Callable[[sqlite3.Connection, list[Invocation]], None],
+    ) -> None:
+        db.execute("SAVEPOINT one")
+        try:
+            write(db, [inv])
+        except ROW_ERRORS as err:
+            db.execute("ROLLBACK TO one")
+            self._quarantine(db, inv, err)
+            batch.quarantined.append(inv)
+        db.execute("RELEASE one")
+
+    def _quarantine(self, db: sqlite3.Connection, inv: Invocation, err: Exception) -> None:
+        """Make ``inv`` a dead letter from a row built to be writable; the reason is its error."""
+        reason = f"quarantined: the journal cannot store it: {type(err).__name__}: {err}"
+        inv.status, inv.died_at, inv.last_error = "dead", time.time(), encodable(reason)
+        if inv.row is not None:
+            db.execute("DELETE FROM invocations WHERE n=?", (inv.row,))
+        inv.row = None
+        try:
+            db.execute(
+                f"INSERT OR REPLACE INTO dead_letters ({COLS}, died_at) VALUES ({MARKS}, ?)",
+                (*quarantine_row(inv), inv.died_at),
+            )
+        except ROW_ERRORS as again:
+            log.error("journal %s: invocation %s could not be stored even as a dead letter, "
+                      "dropped: %s; then: %s", self.path, encodable(str(inv.id)), reason,
+                      again)  # fmt: skip
+            return
+        log.error("journal %s: invocation %s of rule %s for vm %s %s", self.path, inv.id,
+                  encodable(repr(inv.rule)), encodable(repr(inv.vm)), reason)  # fmt: skip
 
     def add_many(self, invs: Sequence[Invocation]) -> None:
         """Write new invocations (one transaction)."""
@@ -277,8 +360,8 @@ class Journal:
             if inv.status == "done" and inv.attempts == 1 and inv.finished_at is not None:
                 done_at_once.append(inv)
             else:
-                plain.append((inv.status, inv.attempts, inv.last_error, inv.updated_at,
-                              inv.finished_at, inv.row))  # fmt: skip
+                plain.append((encodable(inv.status), inv.attempts, opt_text(inv.last_error),
+                              inv.updated_at, inv.finished_at, inv.row))  # fmt: skip
         db.executemany(
             "UPDATE invocations SET status=?, attempts=?, last_error=?, updated_at=?,"
             " finished_at=? WHERE n=?",
@@ -306,15 +389,62 @@ class Journal:
         )
         db.executemany("DELETE FROM invocations WHERE n=?", ((inv.row,) for inv in invs))
 
-    def _select(self, sql: str, args: Sequence[Any] = ()) -> list[Invocation]:
+    def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        # Under self._lock. Text that is not UTF-8 (a damaged row) is read with escapes.
+        try:
+            return self._db.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as err:
+            if "decode" not in str(err):
+                raise
+        self._db.text_factory = _escaped_text
+        try:
+            return self._db.execute(sql, args).fetchall()
+        finally:
+            self._db.text_factory = str
+
+    def _select(self, sql: str, args: Sequence[Any] = (), loose: bool = False) -> list[Invocation]:
+        """Rows of ``sql`` as invocations (``loose``: what does not parse kept as text)."""
         with self._lock:
             try:
-                return [from_row(r) for r in self._db.execute(sql, args)]
+                rows = self._rows(sql, args)
             except sqlite3.Error as err:
                 raise JournalError(f"journal {self.path}: {err}") from err
+        return [loose_row(r) for r in rows] if loose else self._parse(rows)
+
+    def _parse(self, rows: Iterable[sqlite3.Row]) -> list[Invocation]:
+        """The rows that parse as invocations; the others are quarantined as dead letters."""
+        invs, bad = [], []
+        for row in rows:
+            try:
+                invs.append(from_row(row))
+            except Exception as err:  # whatever a damaged row makes the parser raise
+                bad.append((f"quarantined: unreadable row: {type(err).__name__}: {err}", row["n"]))
+        if bad:
+            self._quarantine_rows(bad)
+        return invs
+
+    def _quarantine_rows(self, bad: list[tuple[str, int]]) -> None:
+        with self._transaction() as db:
+            for reason, n in bad:
+                log.error("journal %s: row %d cannot be read, moved to the dead letters: %s",
+                          self.path, n, reason)  # fmt: skip
+                db.execute(
+                    f"INSERT OR REPLACE INTO dead_letters ({COLS}, died_at) SELECT {COLS}, ?"
+                    " FROM invocations WHERE n=?",
+                    (time.time(), n),
+                )
+                db.execute(
+                    "UPDATE dead_letters SET last_error=? WHERE id=(SELECT id FROM invocations"
+                    " WHERE n=?)",
+                    (encodable(reason), n),
+                )
+                db.execute("DELETE FROM invocations WHERE n=?", (n,))
 
     def pending(self) -> list[Invocation]:
-        """Unfinished invocations (pending, running, requeued) in the order they were written."""
+        """Unfinished invocations (pending, running, requeued) in the order they were written.
+
+        A row that cannot be read is moved to the dead letters with the reason (and logged).
+        """
         marks = ", ".join("?" * len(UNFINISHED))
         return self._select(
             f"SELECT * FROM invocations WHERE status IN ({marks}) ORDER BY n", UNFINISHED
@@ -323,11 +453,9 @@ class Journal:
     def claim_requeued(self) -> list[Invocation]:
         """Take the rows ``dlq retry`` sent back: they become ``pending`` and are returned."""
         with self._transaction() as db:
-            rows = db.execute(
-                "SELECT * FROM invocations WHERE status = 'requeued' ORDER BY n"
-            ).fetchall()
+            rows = self._rows("SELECT * FROM invocations WHERE status = 'requeued' ORDER BY n")
             db.execute("UPDATE invocations SET status = 'pending' WHERE status = 'requeued'")
-        claimed = [from_row(r) for r in rows]
+        claimed = self._parse(rows)
         for inv in claimed:
             inv.status = "pending"
         return claimed
@@ -335,14 +463,14 @@ class Journal:
     def get(self, inv_id: str) -> Invocation | None:
         """The row of one invocation, from either table (``status`` says which)."""
         for table in ("invocations", "dead_letters"):
-            found = self._select(f"SELECT * FROM {table} WHERE id = ?", (inv_id,))
+            found = self._select(f"SELECT * FROM {table} WHERE id = ?", (inv_id,), loose=True)
             if found:
                 return found[0]
         return None
 
     def dead_letters(self) -> list[Invocation]:
-        """Every dead letter, oldest first."""
-        return self._select("SELECT * FROM dead_letters ORDER BY died_at, rowid")
+        """Every dead letter, oldest first (a damaged one with its unreadable parts as text)."""
+        return self._select("SELECT * FROM dead_letters ORDER BY died_at, rowid", loose=True)
 
     def count(self, dead: bool = False) -> int:
         """How many unfinished invocations there are (``dead=True``: dead letters)."""
@@ -411,6 +539,44 @@ class Journal:
         if self._lockfile is not None:
             os.close(self._lockfile)  # closing drops the flock
             self._lockfile = None
+
+
+def _escaped_text(data: bytes) -> str:
+    return data.decode("utf-8", "backslashreplace")
+
+
+def _refusal(path: Path, what: str) -> str:
+    """The one line that refuses a journal: ``what`` and the way to start over on purpose."""
+    return f"{what}; to start over on purpose, move it away (mv {path} {path}.broken)"
+
+
+def _create_tables(db: sqlite3.Connection) -> None:
+    for statement in SCHEMA:
+        db.execute(statement)
+    db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+
+
+def _create(path: Path) -> None:
+    """A new journal, made beside ``path`` and renamed into place.
+
+    So a journal file is never seen half made: an empty one was emptied. The
+    directory is synced, so the name outlives a power cut as the rows do.
+    """
+    temp = path.with_name(f"{path.name}.new-{os.getpid()}")
+    db = sqlite3.connect(temp, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("BEGIN IMMEDIATE")
+        _create_tables(db)
+        db.execute("COMMIT")
+    finally:
+        db.close()  # folds the WAL back in and removes it
+    os.replace(temp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _lock_beside(path: Path) -> int:

@@ -3,6 +3,12 @@
 The layout is versioned (``SCHEMA_VERSION``, stored in ``schema_version``); a
 change to the tables below needs a new version and an upgrade step in
 ``reactor.dispatch.journal``.
+
+Every text a row holds is valid UTF-8, whatever a peer sent: a string SQLite
+cannot encode (a lone UTF-16 surrogate, which JSON's ``"\\ud800"`` makes) is
+stored with its unencodable characters as backslash escapes (``encodable``); the
+JSON columns escape them as JSON does. The envelope keeps the exact strings,
+so a row read back has the VM and event names the live invocation had.
 """
 
 from __future__ import annotations
@@ -103,6 +109,22 @@ def dumps_data(value: Any) -> str:
         return dumps(value)
 
 
+def encodable(value: str) -> str:
+    """``value`` as UTF-8 can carry it (SQLite, Prometheus): what it cannot, as ``\\udXXX``."""
+    if value.isascii():  # the common case, and a fast check
+        return value
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode()
+    return value
+
+
+def opt_text(value: str | None) -> str | None:
+    """``encodable`` for a column that may be NULL."""
+    return None if value is None else encodable(value)
+
+
 def to_rows(invs: Iterable[Invocation]) -> Iterator[tuple[Any, ...]]:
     """Row tuples; shared envelopes and specs (one firing, one rule) are serialised once."""
     # Keyed by id(): every object stays alive (referenced by ``invs``) for the whole call.
@@ -117,11 +139,12 @@ def to_rows(invs: Iterable[Invocation]) -> Iterator[tuple[Any, ...]]:
         env_json = envelopes.get(key)
         if env_json is None:
             env_json = envelopes[key] = (dumps_data(inv.envelope), dumps_data(inv.context))
+        e = encodable
         yield (
-            inv.id, inv.firing_id, inv.rule, inv.action_index, spec.type, spec_json[0],
-            spec_json[1], spec.timeout, inv.mode, inv.vm, inv.event, inv.seq, env_json[0],
-            env_json[1], inv.status, inv.attempts, inv.created_at, inv.updated_at,
-            inv.finished_at, inv.last_error,
+            e(inv.id), e(inv.firing_id), e(inv.rule), inv.action_index, e(spec.type), spec_json[0],
+            spec_json[1], spec.timeout, e(inv.mode), e(inv.vm), e(inv.event), inv.seq, env_json[0],
+            env_json[1], e(inv.status), inv.attempts, inv.created_at, inv.updated_at,
+            inv.finished_at, opt_text(inv.last_error),
         )  # fmt: skip
 
 
@@ -140,6 +163,7 @@ def done_runs(invs: list[Invocation]) -> Iterator[tuple[float, float, int, int]]
 def from_row(row: sqlite3.Row) -> Invocation:
     """The invocation a row of either table holds."""
     keys = row.keys()
+    envelope = json.loads(row["envelope"])
     spec = ActionSpecData(
         type=row["action_type"],
         params=json.loads(row["params"]),
@@ -148,11 +172,106 @@ def from_row(row: sqlite3.Row) -> Invocation:
     )
     return Invocation(
         id=row["id"], firing_id=row["firing_id"], rule=row["rule"],
-        action_index=row["action_index"], spec=spec, mode=row["mode"], vm=row["vm"],
-        event=row["event"], seq=row["seq"], envelope=json.loads(row["envelope"]),
+        action_index=row["action_index"], spec=spec, mode=row["mode"],
+        vm=_exact(row["vm"], envelope, "vm"), event=_exact(row["event"], envelope, "event"),
+        seq=row["seq"], envelope=envelope,
         context=json.loads(row["context"]), created_at=row["created_at"],
         attempts=row["attempts"], status=row["status"], last_error=row["last_error"],
         updated_at=row["updated_at"], finished_at=row["finished_at"],
         died_at=row["died_at"] if "died_at" in keys else None,
         row=row["n"] if "n" in keys else None,
     )  # fmt: skip
+
+
+def _exact(stored: str, envelope: Any, key: str) -> str:
+    """The envelope's own string when ``stored`` is its escaped form (else ``stored``)."""
+    if stored.isascii() and "\\" in stored and isinstance(envelope, dict):
+        exact = envelope.get(key)
+        if isinstance(exact, str) and encodable(exact) == stored:
+            return exact
+    return stored
+
+
+def quarantine_row(inv: Invocation) -> tuple[Any, ...]:
+    """A dead-letter row (without ``died_at``) SQLite takes whatever ``inv`` holds.
+
+    Every text escaped, a number SQLite cannot hold dropped, JSON built leniently:
+    for an invocation whose own row could not be written.
+    """
+    spec = inv.spec
+    try:
+        retry = dumps(asdict(spec.retry))
+    except Exception:  # not a RetryPolicy at all: the default one reads back
+        retry = dumps(asdict(RetryPolicy()))
+    return (
+        _text(inv.id), _text(inv.firing_id), _text(inv.rule), _int(inv.action_index, 0),
+        _text(spec.type), _object(spec.params), retry, _float(spec.timeout), _text(inv.mode),
+        _text(inv.vm), _text(inv.event), _int(inv.seq, None), _object(inv.envelope),
+        _object(inv.context), "dead", _int(inv.attempts, 0), _float(inv.created_at),
+        _float(inv.updated_at), None, _text(inv.last_error),
+    )  # fmt: skip
+
+
+def _text(value: Any) -> str:
+    return encodable(value if isinstance(value, str) else repr(value))
+
+
+def _int(value: Any, default: int | None) -> int | None:
+    return value if isinstance(value, int) and -(2**63) <= value < 2**63 else default
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+
+
+def _object(value: Any) -> str:
+    """A JSON object: ``value`` if it is a mapping JSON can hold, else its ``repr``."""
+    try:
+        return dumps(dict(value))
+    except Exception:
+        return dumps({"unserialisable": _text(value)[:2000]})
+
+
+def loose_row(row: sqlite3.Row) -> Invocation:
+    """``from_row`` for a row that may be damaged (a quarantined one): never raises.
+
+    A JSON column that does not parse becomes ``{"unreadable": its text}``; any
+    other value of the wrong type its column's empty value.
+    """
+    try:
+        return from_row(row)
+    except Exception:  # damaged: rebuild it column by column
+        pass
+    keys = row.keys()
+    try:
+        retry = RetryPolicy(**json.loads(row["retry"]))
+    except Exception:
+        retry = RetryPolicy()
+    spec = ActionSpecData(_str(row["action_type"]), _loads(row["params"]), retry,
+                          _float(row["timeout"]))  # fmt: skip
+    return Invocation(
+        id=_str(row["id"]), firing_id=_str(row["firing_id"]), rule=_str(row["rule"]),
+        action_index=_int(row["action_index"], 0) or 0, spec=spec, mode=_str(row["mode"]),
+        vm=_str(row["vm"]), event=_str(row["event"]), seq=_int(row["seq"], None),
+        envelope=_loads(row["envelope"]), context=_loads(row["context"]),
+        created_at=_float(row["created_at"]), attempts=_int(row["attempts"], 0) or 0,
+        status=_str(row["status"]), last_error=_str(row["last_error"]),
+        updated_at=_float(row["updated_at"]), finished_at=None,
+        died_at=_float(row["died_at"]) if "died_at" in keys else None,
+        row=row["n"] if "n" in keys else None,
+    )  # fmt: skip
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else "" if value is None else repr(value)
+
+
+def _loads(text: Any) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except Exception:
+        return {"unreadable": _str(text)[:2000]}
+    return value if isinstance(value, dict) else {"unreadable": _str(text)[:2000]}

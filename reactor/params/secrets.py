@@ -16,6 +16,7 @@ process-wide one, so a fresh reactor starts with nothing to mask.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 from reactor.errors import PermanentActionError
 
@@ -95,11 +97,15 @@ class Redactor:
         self._lock = threading.Lock()
 
     def add(self, value: str) -> None:
-        """Remember ``value`` (empty strings are ignored: they would mask everything)."""
+        """Remember ``value`` and the forms it takes escaped (empty strings would mask everything).
+
+        A receiver that echoes a secret back in a JSON error body, a URL or a
+        ``repr`` escapes its quotes and backslashes: those forms are masked too.
+        """
         if not value or value in self._values:
             return
         with self._lock:
-            self._values.add(value)
+            self._values.update(escaped_forms(value))
             # Longest first, so a secret that contains another is masked whole.
             self._ordered = tuple(sorted(self._values, key=len, reverse=True))
 
@@ -109,6 +115,22 @@ class Redactor:
             if value in text:
                 text = text.replace(value, MASK)
         return text
+
+
+def escaped_forms(value: str) -> set[str]:
+    """``value`` as it is and as JSON, a URL (path or form) and Python's ``repr`` write it."""
+    forms = {
+        value,
+        json.dumps(value)[1:-1],
+        json.dumps(value, ensure_ascii=False)[1:-1],
+        quote(value, safe=""),
+        quote(value),
+        quote(value, safe="!$&'()*+,;=:@/?"),  # a query's form: reserved characters kept
+        quote_plus(value),
+        repr(value)[1:-1],
+    }
+    forms.discard("")
+    return forms
 
 
 class SecretResolver:

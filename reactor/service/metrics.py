@@ -37,6 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from reactor import __version__
+from reactor.dispatch.schema import encodable
 from reactor.errors import ConfigError
 from reactor.plugins.hookspecs import ActionOutcome
 from reactor.sources.discovery import is_loopback
@@ -242,7 +243,7 @@ def _families(snap: Snapshot | None, events: Mapping[str, Mapping[str, list[int]
     counted = CounterMetricFamily(PREFIX + "events", "QMP events received", labels=["vm", "event"])
     for vm, per_vm in events.items():
         for name, cell in per_vm.items():
-            counted.add_metric([vm, name], cell[0])
+            counted.add_metric([encodable(vm), encodable(name)], cell[0])
     connected = GaugeMetricFamily(
         PREFIX + "vm_connected", "1 while the VM's QMP connection is up", labels=["vm"]
     )
@@ -270,7 +271,7 @@ def _families(snap: Snapshot | None, events: Mapping[str, Mapping[str, list[int]
         families.append(kind(PREFIX + name, text, value=value))
     if snap is not None:
         for vm, up in sorted(snap.vms.items()):
-            connected.add_metric([vm], 1.0 if up else 0.0)
+            connected.add_metric([encodable(vm)], 1.0 if up else 0.0)
     return families
 
 
