@@ -29,6 +29,7 @@ from reactor.errors import TransientActionError
 from reactor.params.secrets import redact
 from reactor.plugins.api import ActionContext, ActionParams, ActionType, CheckContext, Duration
 from reactor.plugins.hookspecs import Register, hookimpl
+from reactor.sources.reconcile import io_errors
 
 ACTION = "resume_vm"
 GAVE_UP = "REACTOR_RESUME_GAVE_UP"
@@ -100,17 +101,7 @@ class _Try:
 
     async def failed_devices(self) -> list[dict[str, str]]:
         """The block devices whose ``io-status`` is not ``ok``."""
-        reply = await execute(self.ctx, ACTION, "query-block")
-        found = []
-        for dev in reply if isinstance(reply, list) else []:
-            io_status = dev.get("io-status", "ok") if isinstance(dev, dict) else "ok"
-            if io_status != "ok":
-                node = (dev.get("inserted") or {}).get("node-name", "")
-                found.append(
-                    {"device": str(dev.get("device", "")), "node-name": str(node),
-                     "io-status": str(io_status)}
-                )  # fmt: skip
-        return found
+        return io_errors(await execute(self.ctx, ACTION, "query-block"))
 
     async def preconditions(self) -> None:
         """``min_free`` and ``probe``; NotReady says which one is not met."""

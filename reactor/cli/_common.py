@@ -8,17 +8,27 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from reactor.durations import parse_duration
 from reactor.errors import Diagnostic
 from reactor.service.loader import bundled_rules, rule_paths
 
 __all__ = [
     "add_plugin_args",
     "bundled_rules",
+    "duration_arg",
     "load_action_types",
     "print_diagnostics",
     "rule_paths",
 ]
 from reactor.plugins.api import ActionSettings, ActionType
+
+
+def duration_arg(text: str) -> float:
+    """An argparse ``type`` for durations (``30s``, ``5m``, ``0``)."""
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_plugin_args(parser: argparse.ArgumentParser) -> None:

@@ -61,6 +61,7 @@ class Options:
     verbose: bool = False
     log_format: str | None = None
     plugin_dirs: list[str] | None = None
+    reconcile: float | None = None
 
 
 def effective_config(opts: Options) -> Config:
@@ -83,6 +84,8 @@ def effective_config(opts: Options) -> Config:
         update["log_format"] = opts.log_format
     if opts.plugin_dirs:
         update["plugin_dirs"] = opts.plugin_dirs
+    if opts.reconcile is not None:
+        update["reconcile"] = opts.reconcile
     return cfg.model_copy(update=update)
 
 
@@ -204,6 +207,7 @@ class Daemon:
             names=cfg.vm_names(),
             greeting_timeout=cfg.greeting_timeout,
             backoff_max=cfg.reconnect_max,
+            reconcile=cfg.reconcile,
         )
         self.reactor = Reactor(
             config=cfg,

@@ -40,6 +40,7 @@ from reactor import __version__
 from reactor.errors import ConfigError
 from reactor.plugins.hookspecs import ActionOutcome
 from reactor.sources.discovery import is_loopback
+from reactor.sources.reconcile import RUN_STATES
 
 if TYPE_CHECKING:
     from reactor.service.config import MetricsConfig
@@ -74,6 +75,7 @@ class Snapshot:
     refused: int = 0
     stage_holds: int = 0
     stage_replaced: int = 0
+    run_states: Mapping[str, str] = field(default_factory=dict)
 
     def problems(self) -> list[str]:
         """Why the sidecar is unhealthy; empty when it is healthy."""
@@ -104,8 +106,10 @@ class Snapshot:
 def snapshot_of(reactor: Reactor, connections: Iterable[VmConnection], rules: int) -> Snapshot:
     """The ``Snapshot`` of an assembled reactor and its VM connections."""
     vms: dict[str, bool] = {}
+    run_states: dict[str, str] = {}
     for conn in connections:
         vms[conn.name] = vms.get(conn.name, False) or conn.connected
+        run_states[conn.name] = conn.run_state.status
     dispatcher, stage = reactor.dispatcher, reactor.engine.stage
     return Snapshot(
         rules=rules,
@@ -117,6 +121,7 @@ def snapshot_of(reactor: Reactor, connections: Iterable[VmConnection], rules: in
         refused=dispatcher.rejected,
         stage_holds=stage.holds if stage is not None else 0,
         stage_replaced=stage.replaced if stage is not None else 0,
+        run_states=run_states,
     )
 
 
@@ -267,7 +272,30 @@ def _families(snap: Snapshot | None, events: Mapping[str, Mapping[str, list[int]
     if snap is not None:
         for vm, up in sorted(snap.vms.items()):
             connected.add_metric([vm], 1.0 if up else 0.0)
+    families.extend(_remediation(snap, events))
     return families
+
+
+def _remediation(
+    snap: Snapshot | None, events: Mapping[str, Mapping[str, list[int]]]
+) -> list[Metric]:
+    """Run states, guest panics and restarts the guard refused: what people alert on."""
+    states = GaugeMetricFamily(
+        PREFIX + "vm_run_state", "1 for the VM's run state (QEMU's RunState), as the events "
+        "and the reconcile probes found it; all 0 while unknown", labels=["vm", "state"],
+    )  # fmt: skip
+    panics = CounterMetricFamily(
+        PREFIX + "guest_panics", "GUEST_PANICKED events, whatever QEMU did next (pause, "
+        "reset, shutdown)", labels=["vm"],
+    )  # fmt: skip
+    for vm, st in sorted(snap.run_states.items()) if snap is not None else ():
+        for state in RUN_STATES:
+            states.add_metric([vm, state], 1.0 if state == st else 0.0)
+    for vm, per_vm in events.items():
+        cell = per_vm.get("GUEST_PANICKED")
+        if cell is not None:
+            panics.add_metric([vm], cell[0])
+    return [states, panics]
 
 
 # -- the HTTP listener ------------------------------------------------------------------

@@ -46,7 +46,8 @@ class ConnectionManager:
     """All QMP connections of the sidecar, each one its own task.
 
     ``names`` maps addresses to VM names (else a socket's stem, or in server mode
-    QEMU's ``-name``); ``on_state(vm, connected)`` hears every (dis)connect.
+    QEMU's ``-name``); ``on_state(vm, connected)`` hears every (dis)connect;
+    every ``reconcile`` seconds (0: never) each VM's run state is probed.
     ``add`` needs a running event loop.
     """
 
@@ -59,6 +60,7 @@ class ConnectionManager:
         backoff_max: float = 2.0,
         on_state: OnState | None = None,
         max_message: int = MAX_MESSAGE,
+        reconcile: float = 0.0,
     ) -> None:
         self._on_envelope = on_envelope
         self._names = dict(names or {})
@@ -67,6 +69,7 @@ class ConnectionManager:
             "backoff_max": backoff_max,
             "max_message": max_message,
             "on_state": on_state,
+            "reconcile": reconcile,
         }
         self._conns: dict[str, VmConnection] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
