@@ -22,6 +22,7 @@ import pytest
 
 from reactor.demo.machine import ThrowawayQemu
 from reactor.sources.reconcile import RunState
+from tests.support.guest import booted_guest
 from tests.support.lossy import LossyRelay
 from tests.support.ops import Sidecar, write_rules
 
@@ -97,6 +98,38 @@ def test_a_qemu_replaced_while_stopped_is_reconciled_on_reconnect(tmp_path: Path
     assert changes(log) == [
         {"old": "paused", "new": "running", "running": True, "io_errors": [], "probe": "reconnect"}
     ]
+
+
+@pytest.mark.qemu
+@pytest.mark.guest
+def test_panics_qemu_does_not_pause_for_and_throttled_firings_are_counted(tmp_path: Path) -> None:
+    throttled = {"name": "stopped", "on": "STOP", "actions": [{"type": "log"}],
+                 "throttle": {"mode": "once_within", "window": "1h"}}  # fmt: skip
+    rules = write_rules(tmp_path / "rules.yaml", throttled)
+    with booted_guest(
+        name="vm1",
+        extra_qmp=["vm1"],
+        devices=["pvpanic-pci"],
+        extra_args=["-action", "panic=none"],
+    ) as qemu:
+        cfg = {"rules": [str(rules)], "qmp": [str(qemu.qmp_socket("vm1"))]}
+        with Sidecar(tmp_path, cfg) as sidecar:
+            sidecar.start().wait_log("vm1: connected")
+            for _ in range(3):
+                qemu.qmp.execute("stop")
+                qemu.qmp.execute("cont")
+            qemu.send_line("echo c > /proc/sysrq-trigger")
+            qemu.qmp.wait_event("GUEST_PANICKED", 60)
+            samples = sidecar.wait_metric(
+                lambda s: (
+                    s.value("qmp_reactor_guest_panics_total", vm="vm1") == 1
+                    and s.value("qmp_reactor_firings_suppressed_total", reason="throttle") == 2
+                ),
+                what="one panic and two throttled STOPs",
+            )
+            assert sidecar.stop() == 0
+    assert samples.value("qmp_reactor_firings_suppressed_total", reason="threshold") == 0
+    assert samples.value("qmp_reactor_vm_run_state", vm="vm1", state="running") == 1
 
 
 def test_a_bad_reconcile_duration_is_a_located_error(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from tests.test_faults import tmpfs
 MiB = 1024 * 1024
 DD = "dd if=/dev/zero of=/dev/vda bs=64k count=64 oflag=direct; echo DD-EXIT=$?"
 FAILED = "action resume_vm of rule 'resume-after-io-error' failed"
+NOSPACE = "No space left on device"
 QUICK_RETRY = {"attempts": 100, "initial": 0.05, "max": 0.2, "jitter": 0}
 
 
@@ -121,7 +122,15 @@ def test_still_full_backs_off_and_gives_up(tmp_path: Path) -> None:
             sidecar.wait_log(r"log ok rule=gave-up vm=vm1", 90)
             log = sidecar.log_text()
             assert status(qemu) == "io-error"
+            samples = sidecar.wait_metric(
+                lambda s: s.value("qmp_reactor_vm_run_state", vm="vm1", state="io-error") == 1,
+                what="run state io-error",
+            )
             assert sidecar.stop() == 0
+    errors = samples.value(
+        "qmp_reactor_block_io_errors_total", vm="vm1", device="disk0", reason=NOSPACE
+    )
+    assert errors is not None and errors >= 3  # the first, and one after each try's cont
     for n in (1, 2):
         again = rf"{FAILED} \(attempt {n}\), .*try {n} of 3\): paused again \(io-error\)"
         assert re.search(again, log), log

@@ -140,6 +140,8 @@ class Daemon:
                 extra={"vm": env["vm"], "event": env["event"], "seq": env.get("seq")},
             )
         self.metrics.event(env["vm"], env["event"])
+        if env["event"] == "BLOCK_IO_ERROR":
+            self.metrics.block_io_error(env["vm"], env["data"])
         assert self.reactor is not None
         self.reactor.feed(env)
 
