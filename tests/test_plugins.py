@@ -30,7 +30,7 @@ from reactor.plugins.manager import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-BUILTIN_ACTIONS = {"log", "webhook", "exec", "qmp", "restart_vm", "notify"}
+BUILTIN_ACTIONS = {"log", "webhook", "exec", "qmp", "restart_vm", "resume_vm", "notify"}
 
 TOUCH_PLUGIN = """
 from pathlib import Path

@@ -6,8 +6,17 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from reactor.durations import parse_duration
 from reactor.errors import Diagnostic
 from reactor.params.display import escape
+
+
+def duration_arg(text: str) -> float:
+    """An argparse ``type`` for durations (``30s``, ``5m``, ``0``)."""
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_plugin_args(parser: argparse.ArgumentParser) -> None:

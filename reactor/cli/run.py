@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from reactor.cli._common import duration_arg
 from reactor.service.daemon import Options, run_daemon
 
 
@@ -41,6 +42,12 @@ def register(sub: Any) -> None:
         help="journal directory (default /var/lib/qmp-reactor, else ./.qmp-reactor)",
     )
     p.add_argument("--plugin-dir", action="append", metavar="DIR", help="plugin directory")
+    p.add_argument(
+        "--reconcile",
+        type=duration_arg,
+        metavar="DURATION",
+        help="probe every VM's run state this often (default 30s; 0: off)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="one line per event and action")
     p.add_argument("--log-format", choices=("text", "json"), help="log format (default text)")
     p.set_defaults(func=run)
@@ -58,5 +65,6 @@ def run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         log_format=args.log_format,
         plugin_dirs=args.plugin_dir,
+        reconcile=args.reconcile,
     )
     return run_daemon(opts)

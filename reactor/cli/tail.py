@@ -4,7 +4,9 @@ One readable line per event (local time, VM, event, compact data), or with
 ``--json`` JSON lines in the format ``replay`` reads back: QEMU's ``event``,
 ``data`` and ``timestamp`` plus ``vm``. The synthetic ``REACTOR_CONNECTED`` /
 ``REACTOR_DISCONNECTED`` events are printed too, so a VM found paused, or one
-that died without a SHUTDOWN, shows. Runs until Ctrl-C or SIGTERM, then exits 0.
+that died without a SHUTDOWN, shows; so is ``REACTOR_STATE_CHANGED`` from the
+``--reconcile`` probes, which makes a replay of the recording see what they saw.
+Runs until Ctrl-C or SIGTERM, then exits 0.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from reactor.cli._common import duration_arg
 from reactor.errors import ConfigError
 from reactor.model import Envelope
 from reactor.params.display import escape
@@ -45,6 +48,14 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--listen", metavar="ADDR", help="also accept QEMUs connecting to ADDR (server mode)"
+    )
+    parser.add_argument(
+        "--reconcile",
+        type=duration_arg,
+        default=30.0,
+        metavar="DURATION",
+        help="probe each VM's run state this often; what disagrees with the events is printed "
+        "as REACTOR_STATE_CHANGED, so a replay of --json sees it (default 30s; 0: off)",
     )
     parser.set_defaults(func=run)
 
@@ -102,7 +113,7 @@ async def _tail(args: argparse.Namespace, printer: Callable[[Envelope], str]) ->
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
-        async with ConnectionManager(emit) as manager:
+        async with ConnectionManager(emit, reconcile=args.reconcile) as manager:
             for address in args.addresses:
                 manager.add(address)
             await _until_stopped(stop, _watchers(manager, args))

@@ -10,6 +10,7 @@ the same code runs on the live clock and on replay's virtual clock.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -62,13 +63,23 @@ class Engine:
         self.events_in = 0
         self.rules = rules
         self._gates: dict[str, RuleGate] = {}
+        self._suppressed_before: Counter[str] = Counter()
         self._correlators: dict[str, Correlator] = {}
         self._followers: dict[str, tuple[Correlator, ...]] = {}
         self._routes: dict[str, Route] = {}
         self._ways: dict[str, Route] = {}
         self._make_gates()
 
+    def suppressed(self) -> dict[str, int]:
+        """Matching events rule gates did not fire when they came, by ``threshold``/``throttle``."""
+        total = Counter(self._suppressed_before)
+        for gate in self._gates.values():
+            total.update(gate.suppressed)
+        return dict(total)
+
     def _make_gates(self) -> None:
+        for gate in self._gates.values():  # a rule reload keeps the counts going
+            self._suppressed_before.update(gate.suppressed)
         self._gates = {
             r.name: RuleGate(r, self.clock, self._fire)
             for r in self.rules.rules

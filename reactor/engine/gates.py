@@ -217,12 +217,15 @@ class RuleGate:
         "_threshold_key",
         "_throttle",
         "_throttle_key",
+        "suppressed",
     )
 
     def __init__(self, rule: Rule, clock: Clock, fire: Callable[[Firing], None]) -> None:
         self._rule = rule
         self._clock = clock
         self._fire = fire
+        self.suppressed = {"threshold": 0, "throttle": 0}
+        """Matching events that did not fire when they came, by the gate that held them."""
         threshold, throttle = rule.threshold, rule.throttle
         self._per_pass = threshold.count if threshold is not None else 1
         self._threshold: Threshold | None = None
@@ -240,10 +243,12 @@ class RuleGate:
         if self._threshold is not None:
             reason = self._threshold.offer(self._threshold_key(env), env)
             if reason is not None:
+                self.suppressed["threshold"] += 1
                 return reason
         if self._throttle is not None:
             reason = self._throttle.offer(self._throttle_key(env), env)
             if reason is not None:
+                self.suppressed["throttle"] += 1
                 return reason
         self._out(env, 1)
         return None

@@ -42,6 +42,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "reactor.actions.exec",
     "reactor.actions.qmp",
     "reactor.actions.restart_vm",
+    "reactor.actions.resume_vm",
     "reactor.actions.notify",
 )
 

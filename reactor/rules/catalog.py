@@ -24,6 +24,12 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+_IO_ERRORS = {
+    "type": "array",
+    "optional": False,
+    "doc": "block devices whose io-status is not ok: {device, node-name, io-status}",
+}
+
 SYNTHETIC_EVENTS: dict[str, dict[str, Any]] = {
     "REACTOR_CONNECTED": {
         "doc": "The sidecar connected to a VM's QMP socket (also after a reconnect).",
@@ -54,6 +60,25 @@ SYNTHETIC_EVENTS: dict[str, dict[str, Any]] = {
             "restarts": {"type": "int", "optional": False, "doc": "restarts in the window"},
             "window": {"type": "number", "optional": False, "doc": "window in seconds"},
             "limit": {"type": "int", "optional": False, "doc": "restarts allowed per window"},
+        },
+    },
+    "REACTOR_RESUME_GAVE_UP": {
+        "doc": "resume_vm tried max_tries times; the VM stays paused for an I/O error.",
+        "data": {
+            "rule": {"type": "str", "optional": False, "doc": "rule whose action gave up"},
+            "tries": {"type": "int", "optional": False, "doc": "tries made"},
+            "reason": {"type": "str", "optional": False, "doc": "why the last try failed"},
+            "devices": _IO_ERRORS,
+        },
+    },
+    "REACTOR_STATE_CHANGED": {
+        "doc": "A probe (query-status, query-block) found a state the events had not implied.",
+        "data": {
+            "old": {"type": "str", "optional": False, "doc": "run state the events implied"},
+            "new": {"type": "str", "optional": False, "doc": "run state QEMU reports"},
+            "running": {"type": "bool", "optional": False, "doc": "query-status running"},
+            "io_errors": _IO_ERRORS,
+            "probe": {"type": "str", "optional": False, "doc": "reconnect or interval"},
         },
     },
     "REACTOR_ACTION_FAILED": {

@@ -128,13 +128,15 @@ class Config(_Strict):
     greeting_timeout: float = 5.0
     reconnect_max: float = 2.0
     shutdown_grace: float = 10.0
+    reconcile: float = 30.0
+    """Seconds between probes of every VM's run state (0: off)."""
     log_format: Literal["text", "json"] = "text"
     verbose: bool = False
     actions: ActionsConfig = Field(default_factory=ActionsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     _durations = field_validator(
-        "greeting_timeout", "reconnect_max", "shutdown_grace", mode="before"
+        "greeting_timeout", "reconnect_max", "shutdown_grace", "reconcile", mode="before"
     )(_seconds)
 
     @field_validator("qemu_versions")

@@ -98,6 +98,8 @@ class Daemon:
                 extra={"vm": env["vm"], "event": env["event"], "seq": env.get("seq")},
             )
         self.metrics.event(env["vm"], env["event"])
+        if env["event"] == "BLOCK_IO_ERROR":
+            self.metrics.block_io_error(env["vm"], env["data"])
         assert self.reactor is not None
         self.reactor.feed(env)
 
@@ -180,6 +182,7 @@ class Daemon:
             names=gen.vm_names(),
             greeting_timeout=cfg.greeting_timeout,
             backoff_max=cfg.reconnect_max,
+            reconcile=cfg.reconcile,
         )
         self.reactor = Reactor.for_generation(
             gen,

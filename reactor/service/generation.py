@@ -28,7 +28,14 @@ from reactor.service.loader import rule_paths
 from reactor.service.permissions import obeyed_paths_warnings
 from reactor.service.render import Renderer
 
-RESTART_SETTINGS = ("state_dir", "listen", "qemu_stage", "greeting_timeout", "reconnect_max")
+RESTART_SETTINGS = (
+    "state_dir",
+    "listen",
+    "qemu_stage",
+    "greeting_timeout",
+    "reconnect_max",
+    "reconcile",
+)
 """Settings a running sidecar keeps until it restarts: a reload that changes one is refused."""
 
 
@@ -49,6 +56,7 @@ class Options:
     entry_points: bool = True
     qemu_versions: list[str] = field(default_factory=list)
     """QEMU releases to judge rules against (default: the configuration's)."""
+    reconcile: float | None = None
 
 
 def effective_config(opts: Options) -> Config:
@@ -71,6 +79,8 @@ def effective_config(opts: Options) -> Config:
         update["log_format"] = opts.log_format
     if opts.plugin_dirs is not None:
         update["plugin_dirs"] = [str(d) for d in opts.plugin_dirs]
+    if opts.reconcile is not None:
+        update["reconcile"] = opts.reconcile
     if opts.block_plugins:
         update["block_plugins"] = [*cfg.block_plugins, *opts.block_plugins]
     return cfg.model_copy(update=update)

@@ -41,6 +41,7 @@ from reactor.dispatch.schema import encodable
 from reactor.errors import ConfigError
 from reactor.plugins.hookspecs import ActionOutcome
 from reactor.sources.discovery import is_loopback
+from reactor.sources.reconcile import RUN_STATES
 
 if TYPE_CHECKING:
     from reactor.service.config import MetricsConfig
@@ -76,6 +77,8 @@ class Snapshot:
     stage_holds: int = 0
     stage_replaced: int = 0
     silenced: int = 0
+    run_states: Mapping[str, str] = field(default_factory=dict)
+    suppressed: Mapping[str, int] = field(default_factory=dict)
 
     def problems(self) -> list[str]:
         """Why the sidecar is unhealthy; empty when it is healthy."""
@@ -106,8 +109,10 @@ class Snapshot:
 def snapshot_of(reactor: Reactor, connections: Iterable[VmConnection], rules: int) -> Snapshot:
     """The ``Snapshot`` of an assembled reactor and its VM connections."""
     vms: dict[str, bool] = {}
+    run_states: dict[str, str] = {}
     for conn in connections:
         vms[conn.name] = vms.get(conn.name, False) or conn.connected
+        run_states[conn.name] = conn.run_state.status
     dispatcher, stage = reactor.dispatcher, reactor.engine.stage
     return Snapshot(
         rules=rules,
@@ -120,6 +125,8 @@ def snapshot_of(reactor: Reactor, connections: Iterable[VmConnection], rules: in
         stage_holds=stage.holds if stage is not None else 0,
         stage_replaced=stage.replaced if stage is not None else 0,
         silenced=reactor.silences.silenced if reactor.silences is not None else 0,
+        run_states=run_states,
+        suppressed=reactor.engine.suppressed(),
     )
 
 
@@ -152,6 +159,11 @@ class Metrics:
             "From an invocation's first attempt to its end (ok or failed), retries included",
             ["action"], buckets=LATENCY_BUCKETS, registry=reg,
         )  # fmt: skip
+        self._io_errors = Counter(
+            PREFIX + "block_io_errors", "BLOCK_IO_ERROR events by VM, device (else node-name) "
+            "and QEMU's reason", ["vm", "device", "reason"], registry=reg,
+        )  # fmt: skip
+        self._io_error_keys: dict[str, set[tuple[str, str]]] = {}
         self._children: dict[tuple[str, str], Any] = {}
         reg.register(_StateCollector(self))
 
@@ -175,6 +187,17 @@ class Metrics:
                 event = OTHER
             cell = per_vm.setdefault(event, [0])
         return cell
+
+    def block_io_error(self, vm: str, data: Mapping[str, Any]) -> None:
+        """Count one BLOCK_IO_ERROR; past ``MAX_EVENTS_PER_VM`` pairs a VM's new ones are other."""
+        device = str(data.get("device") or data.get("node-name") or "")[:128]
+        key = (device, str(data.get("reason", ""))[:128])
+        seen = self._io_error_keys.setdefault(vm, set())
+        if key not in seen:
+            if len(seen) >= MAX_EVENTS_PER_VM:
+                key = (OTHER, OTHER)
+            seen.add(key)
+        self._io_errors.labels(vm, *key).inc()
 
     def outcome(self, outcome: ActionOutcome) -> None:
         """Count one reported outcome (``hookspecs.ActionOutcome``) of an action."""
@@ -272,7 +295,40 @@ def _families(snap: Snapshot | None, events: Mapping[str, Mapping[str, list[int]
     if snap is not None:
         for vm, up in sorted(snap.vms.items()):
             connected.add_metric([encodable(vm)], 1.0 if up else 0.0)
+    families.extend(_remediation(snap, events))
     return families
+
+
+def _remediation(
+    snap: Snapshot | None, events: Mapping[str, Mapping[str, list[int]]]
+) -> list[Metric]:
+    """Run states, guest panics and suppressed firings: what people alert on."""
+    states = GaugeMetricFamily(
+        PREFIX + "vm_run_state", "1 for the VM's run state (QEMU's RunState), as the events "
+        "and the reconcile probes found it; all 0 while unknown", labels=["vm", "state"],
+    )  # fmt: skip
+    panics = CounterMetricFamily(
+        PREFIX + "guest_panics", "GUEST_PANICKED events, whatever QEMU did next (pause, "
+        "reset, shutdown)", labels=["vm"],
+    )  # fmt: skip
+    for vm, st in sorted(snap.run_states.items()) if snap is not None else ():
+        for state in RUN_STATES:
+            states.add_metric([vm, state], 1.0 if state == st else 0.0)
+    suppressed = CounterMetricFamily(
+        PREFIX + "firings_suppressed", "Matching events that did not fire when they came: held "
+        "by a rule's threshold or throttle, or restarts refused by the guard", labels=["reason"],
+    )  # fmt: skip
+    guard = 0
+    for vm, per_vm in events.items():
+        cell = per_vm.get("GUEST_PANICKED")
+        if cell is not None:
+            panics.add_metric([vm], cell[0])
+        guard += per_vm.get("REACTOR_RESTART_SUPPRESSED", [0])[0]
+    if snap is not None:
+        for reason in ("threshold", "throttle"):
+            suppressed.add_metric([reason], snap.suppressed.get(reason, 0))
+        suppressed.add_metric(["guard"], guard)
+    return [states, panics, suppressed]
 
 
 # -- the HTTP listener ------------------------------------------------------------------

@@ -48,8 +48,9 @@ class ConnectionManager:
     ``names`` maps addresses to VM names (else a socket's stem, or in server mode
     QEMU's ``-name``); ``on_state(vm, connected)`` hears every (dis)connect;
     ``pace`` is asked before each event (``reactor.sources.session.Pace``; may be
-    set later, e.g. once the reactor it protects exists). ``add`` needs a
-    running event loop.
+    set later, e.g. once the reactor it protects exists); every ``reconcile``
+    seconds (0: never) each VM's run state is probed. ``add`` needs a running
+    event loop.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class ConnectionManager:
         on_state: OnState | None = None,
         max_message: int = MAX_MESSAGE,
         pace: Pace | None = None,
+        reconcile: float = 0.0,
     ) -> None:
         self._on_envelope = on_envelope
         self._names = dict(names or {})
@@ -71,6 +73,7 @@ class ConnectionManager:
             "max_message": max_message,
             "on_state": on_state,
             "pace": pace,
+            "reconcile": reconcile,
         }
         self._conns: dict[str, VmConnection] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}

@@ -31,6 +31,7 @@ from reactor.errors import PermanentActionError, TransientActionError
 from reactor.model import Envelope
 from reactor.sources.caused_by import Expectations
 from reactor.sources.discovery import TcpAddress, socket_identity
+from reactor.sources.reconcile import TRACKED, RunState, io_errors
 from reactor.sources.session import MAX_MESSAGE, Pace, QmpLink, RawEvent, describe, discard
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class VmConnection:
         on_state: OnState | None = None,
         seq: int = 0,
         pace: Pace | None = None,
+        reconcile: float = 0.0,
     ) -> None:
         self.address = address
         self.pace = pace
@@ -94,6 +96,9 @@ class VmConnection:
         self._shutdown_seen = False
         self._ident: tuple[int, int, int] | None = None
         self._failures = 0
+        self.reconcile = reconcile
+        """Seconds between probes of the run state (0: none)."""
+        self.run_state = RunState()
         self.stop_reason = "closed by qmp-reactor"
         """The ``reason`` of REACTOR_DISCONNECTED when we end the session ourselves."""
 
@@ -154,8 +159,10 @@ class VmConnection:
             cause = self._expect.match(event, time.monotonic())
             if cause is not None:
                 env["caused_by"] = cause
-        if event == "SHUTDOWN":
-            self._shutdown_seen = True
+        if event in TRACKED:
+            self.run_state.observe(event, data if type(data) is dict else {})
+            if event == "SHUTDOWN":
+                self._shutdown_seen = True
         self._deliver(env)
 
     def _deliver(self, env: Envelope) -> None:
@@ -202,9 +209,13 @@ class VmConnection:
             raise
         self._begin(link, version, status)
         reason: str | None = None  # stays None when we are cancelled: then stop_reason applies
+        probes = asyncio.create_task(self._probe_forever(link)) if self.reconcile > 0 else None
         try:
             reason = await link.closed()
         finally:
+            if probes is not None:
+                probes.cancel()
+                await asyncio.wait([probes])
             self._end(link, reason or self.stop_reason)
             await discard(link)
         return reason
@@ -225,6 +236,9 @@ class VmConnection:
         }
         log.info("%s: connected to %s (%s)", self.name, self.address, data["status"])
         self.emit("REACTOR_CONNECTED", data)
+        changed = self.run_state.probed(data["status"], data["running"], [], "reconnect")
+        if changed is not None:
+            self.emit("REACTOR_STATE_CHANGED", changed)
         link.release(self._on_event, self.pace)
         self._tell_state(True)
 
@@ -245,6 +259,36 @@ class VmConnection:
             self._on_state(self.name, up)
         except Exception:
             log.exception("%s: on_state failed", self.name)
+
+    # -- reconciliation ---------------------------------------------------------------
+
+    async def _probe_forever(self, link: QmpLink) -> None:
+        """Every ``reconcile`` seconds, check the run state the events implied."""
+        while True:
+            await asyncio.sleep(self.reconcile)
+            try:
+                async with asyncio.timeout(self.greeting_timeout):
+                    await self.probe(link)
+            except (QMPError, OSError, TimeoutError) as err:
+                log.debug("%s: probe failed: %s", self.name, describe(err))
+
+    async def probe(self, link: QmpLink) -> None:
+        """One probe: ``query-status`` and ``query-block``; REACTOR_STATE_CHANGED if they differ.
+
+        A probe that an event overlapped says nothing: the event is newer news.
+        """
+        before = self.run_state.changes
+        status = await link.execute("query-status")
+        block = await link.execute("query-block")
+        if self.run_state.changes != before or not isinstance(status, dict):
+            return
+        found = str(status.get("status", "unknown"))
+        changed = self.run_state.probed(
+            found, bool(status.get("running")), io_errors(block), "interval"
+        )
+        if changed is not None:
+            log.warning("%s: run state %s, events implied %s", self.name, found, changed["old"])
+            self.emit("REACTOR_STATE_CHANGED", changed)
 
     # -- dialing ----------------------------------------------------------------------
 
