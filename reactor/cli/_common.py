@@ -1,4 +1,8 @@
-"""What several commands share: default paths, plugin loading, diagnostics output."""
+"""What several commands share: default paths, plugin loading, diagnostics output.
+
+Cheap to import (the parser is built from it): what loading plugins needs is
+imported by the functions that load them.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,33 @@ import argparse
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from reactor.cli._args import PathsOption
 from reactor.errors import Diagnostic
 from reactor.service.loader import bundled_rules, rule_paths
 
+if TYPE_CHECKING:
+    from reactor.plugins.api import ActionSettings, ActionType
+
 __all__ = [
     "add_plugin_args",
+    "add_rules_arg",
     "bundled_rules",
     "load_action_types",
     "print_diagnostics",
     "rule_paths",
 ]
-from reactor.plugins.api import ActionSettings, ActionType
+
+
+def add_rules_arg(parser: argparse.ArgumentParser) -> None:
+    """``--rules PATH...``, repeatable; it never keeps the command's positionals."""
+    parser.add_argument(
+        "--rules",
+        action=PathsOption,
+        metavar="PATH",
+        help="rule files or directories (repeatable; default: ./rules, else the bundled pack)",
+    )
 
 
 def add_plugin_args(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +70,8 @@ def load_action_types(
 
 def default_settings() -> ActionSettings:
     """Action settings when no configuration file is given."""
+    from reactor.plugins.api import ActionSettings
+
     return ActionSettings()
 
 

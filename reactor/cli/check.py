@@ -13,9 +13,6 @@ from reactor.cli._common import (
     print_diagnostics,
     rule_paths,
 )
-from reactor.rules.compiler import load_rules
-from reactor.service.config import load_config
-from reactor.service.permissions import obeyed_paths_warnings
 
 
 def register(sub: Any) -> None:
@@ -38,6 +35,10 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the rules; 0 when all is well, 1 on any error."""
+    from reactor.rules.compiler import load_rules
+    from reactor.service.config import load_config
+    from reactor.service.permissions import obeyed_paths_warnings
+
     cfg = load_config(args.config) if args.config is not None else None
     if cfg is not None and not args.plugin_dir:
         args.plugin_dir = list(cfg.plugin_dirs)

@@ -15,10 +15,12 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from reactor.dispatch.journal import Invocation, Journal, default_state_dir, journal_path
 from reactor.errors import UserError
+
+if TYPE_CHECKING:
+    from reactor.dispatch.journal import Invocation, Journal
 
 
 def register(subparsers: Any) -> None:
@@ -46,18 +48,24 @@ def register(subparsers: Any) -> None:
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
+    from reactor.dispatch.journal import default_state_dir
+
     given = getattr(args, "state_dir", None)
     return Path(given) if given is not None else default_state_dir()
 
 
 def _open(args: argparse.Namespace) -> Journal | None:
     """The journal of the state directory, or None if there is none (nothing is created)."""
+    from reactor.dispatch.journal import Journal, journal_path
+
     path = journal_path(_state_dir(args))
     return Journal(path) if path.exists() else None
 
 
 def run_list(args: argparse.Namespace) -> int:
     """Print the dead letters; 0 (also when there are none)."""
+    from reactor.dispatch.journal import journal_path
+
     journal = _open(args)
     try:
         dead = journal.dead_letters() if journal else []

@@ -4,31 +4,39 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from reactor.cli._args import Positionals
 from reactor.cli._common import (
     add_plugin_args,
+    add_rules_arg,
     default_settings,
     load_action_types,
     print_diagnostics,
     rule_paths,
 )
-from reactor.engine.replay import DryRunWriter, open_inputs, replay
-from reactor.errors import RuleError
-from reactor.model import Envelope, Rule
-from reactor.rules.compiler import load_rules
+
+if TYPE_CHECKING:
+    from reactor.model import Envelope, Rule
 
 
 def register(sub: Any) -> None:
     """Add the ``replay`` subcommand."""
     p: argparse.ArgumentParser = sub.add_parser(
         "replay",
+        usage="%(prog)s EVENTS... [--rules PATH...] [options]",
         help="replay recorded events through the rules",
         description="Replay QMP events (JSON lines) through the rules on a virtual clock. "
         "Dry run by default: one JSON line per action that would run.",
     )
-    p.add_argument("events", nargs="+", metavar="EVENTS", help="JSON-lines files, or - for stdin")
-    p.add_argument("--rules", nargs="+", metavar="PATH", help="rule files or directories")
+    p.add_argument(
+        "events",
+        action=Positionals,
+        lender="rules",
+        metavar="EVENTS",
+        help="one or more JSON-lines files, or - for stdin",
+    )
+    add_rules_arg(p)
     p.add_argument("--explain", action="store_true", help="say on stderr why rules fired or not")
     p.add_argument("--execute", action="store_true", help="run the actions for real")
     p.add_argument(
@@ -54,6 +62,10 @@ def _explain_event(env: Envelope) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Replay; exit 1 if a line was malformed or rules are invalid."""
+    from reactor.engine.replay import DryRunWriter, open_inputs, replay
+    from reactor.errors import RuleError
+    from reactor.rules.compiler import load_rules
+
     action_types, plugins = load_action_types(args)
     settings = default_settings()
     ruleset, diags = load_rules(

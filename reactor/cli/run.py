@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from reactor.service.daemon import Options, run_daemon
+from reactor.cli._common import add_rules_arg
 
 
 def register(sub: Any) -> None:
@@ -17,7 +17,7 @@ def register(sub: Any) -> None:
         description="Hold a QMP connection to every VM and run the rules on their events.",
     )
     p.add_argument("--config", type=Path, metavar="FILE", help="configuration file (YAML)")
-    p.add_argument("--rules", nargs="+", metavar="PATH", help="rule files or directories")
+    add_rules_arg(p)
     p.add_argument(
         "--qmp",
         action="append",
@@ -48,6 +48,8 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run until SIGTERM or SIGINT."""
+    from reactor.service.daemon import Options, run_daemon
+
     opts = Options(
         config=args.config,
         rules=args.rules,
