@@ -18,9 +18,8 @@ import json
 import time
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from pydantic import Field
 
 from reactor import __version__
@@ -28,6 +27,9 @@ from reactor.errors import PermanentActionError, TransientActionError
 from reactor.params.secrets import redact
 from reactor.params.templates import is_template
 from reactor.plugins.api import ActionContext, ActionParams, ActionType, CheckContext, Duration
+
+if TYPE_CHECKING:
+    import httpx  # imported when the first request is sent: `check` does without it
 from reactor.plugins.hookspecs import Register, hookimpl
 
 USER_AGENT = f"qmp-reactor/{__version__}"
@@ -63,6 +65,8 @@ class _SharedClients:
             self._clients, self._loop = {}, loop
         client = self._clients.get(verify)
         if client is None:
+            import httpx
+
             client = httpx.AsyncClient(verify=verify, follow_redirects=False, trust_env=False)
             self._clients[verify] = client
         return client
@@ -137,6 +141,8 @@ def _judge(response: httpx.Response, where: str) -> None:
 
 async def run_webhook(params: WebhookParams, ctx: ActionContext) -> dict[str, Any]:
     """Send the request; returns the status code, or raises a transient/permanent error."""
+    import httpx
+
     body = _body(params, ctx)
     where = redact(f"webhook {params.method} {params.url}")
     client = _SHARED.get(params.verify_tls)

@@ -10,6 +10,7 @@ from reactor.cli._common import (
     add_plugin_args,
     default_settings,
     load_action_types,
+    loading,
     print_diagnostics,
     rule_paths,
 )
@@ -35,11 +36,19 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the rules; 0 when all is well, 1 on any error."""
+    with loading():
+        return _check(args)
+
+
+def _check(args: argparse.Namespace) -> int:
     from reactor.rules.compiler import load_rules
-    from reactor.service.config import load_config
     from reactor.service.permissions import obeyed_paths_warnings
 
-    cfg = load_config(args.config) if args.config is not None else None
+    cfg = None
+    if args.config is not None:
+        from reactor.service.config import load_config
+
+        cfg = load_config(args.config)
     if cfg is not None and not args.plugin_dir:
         args.plugin_dir = list(cfg.plugin_dirs)
     paths = rule_paths(args.paths or (cfg.rules if cfg is not None else None))

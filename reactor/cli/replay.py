@@ -12,6 +12,7 @@ from reactor.cli._common import (
     add_rules_arg,
     default_settings,
     load_action_types,
+    loading,
     print_diagnostics,
     rule_paths,
 )
@@ -62,15 +63,16 @@ def _explain_event(env: Envelope) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Replay; exit 1 if a line was malformed or rules are invalid."""
-    from reactor.engine.replay import DryRunWriter, open_inputs, replay
-    from reactor.errors import RuleError
-    from reactor.rules.compiler import load_rules
+    with loading():
+        from reactor.engine.replay import DryRunWriter, open_inputs, replay
+        from reactor.errors import RuleError
+        from reactor.rules.compiler import load_rules
 
-    action_types, plugins = load_action_types(args)
-    settings = default_settings()
-    ruleset, diags = load_rules(
-        rule_paths(args.rules), action_types=action_types, settings=settings
-    )
+        action_types, plugins = load_action_types(args)
+        settings = default_settings()
+        ruleset, diags = load_rules(
+            rule_paths(args.rules), action_types=action_types, settings=settings
+        )
     if any(d.severity == "error" for d in diags):
         raise RuleError("invalid rules", diags)
     print_diagnostics(diags)
