@@ -31,13 +31,15 @@ __all__ = [
 ]
 
 
-def add_rules_arg(parser: argparse.ArgumentParser) -> None:
+def add_rules_arg(
+    parser: argparse.ArgumentParser, default: str = "./rules, else the bundled pack"
+) -> None:
     """``--rules PATH...``, repeatable; it never keeps the command's positionals."""
     parser.add_argument(
         "--rules",
         action=PathsOption,
         metavar="PATH",
-        help="rule files or directories (repeatable; default: ./rules, else the bundled pack)",
+        help=f"rule files or directories (repeatable; default: {default})",
     )
 
 

@@ -17,7 +17,7 @@ def register(sub: Any) -> None:
         description="Hold a QMP connection to every VM and run the rules on their events.",
     )
     p.add_argument("--config", type=Path, metavar="FILE", help="configuration file (YAML)")
-    add_rules_arg(p)
+    add_rules_arg(p, default="the configuration's, else ./rules, else the bundled pack")
     p.add_argument(
         "--qmp",
         action="append",
