@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,3 +146,109 @@ def test_replay_execute_runs_actions_for_real(tmp_path: Path) -> None:
     assert [b["rule"] for b in got] == ["bad-child", "bad-child"]
     assert [b["event"]["seq"] for b in got] == [1, 2]  # type: ignore[index]
     assert result.stderr.count("webhook ok rule=bad-child") == 2
+
+
+def test_replay_rules_before_or_after_the_events_mean_the_same(tmp_path: Path) -> None:
+    rules = tmp_path / "r.yaml"
+    rules.write_text("rules:\n  - name: stopped\n    on: STOP\n    actions: [{type: log}]\n")
+    events = tmp_path / "vm7.jsonl"
+    events.write_text('{"event": "STOP", "timestamp": {"seconds": 5, "microseconds": 0}}\n')
+    after = cli("replay", str(events), "--rules", str(rules))
+    before = cli("replay", "--rules", str(rules), str(events))
+    assert after.returncode == 0, after.stderr
+    assert before.returncode == 0, before.stderr
+    assert json.loads(before.stdout) == {
+        "time": 5.0, "rule": "stopped", "action": "log", "vm": "vm7", "event": "STOP", "seq": 1,
+    }  # fmt: skip
+    assert before.stdout == after.stdout
+
+
+def test_rules_is_repeatable_and_still_takes_several_paths(tmp_path: Path) -> None:
+    paths = []
+    for name, event in (("a", "STOP"), ("b", "RESUME"), ("c", "RESET")):
+        paths.append(tmp_path / f"{name}.yaml")
+        rule = f"  - name: {name}\n    on: {event}\n    actions: [{{type: log}}]\n"
+        paths[-1].write_text("rules:\n" + rule)
+    events = "".join(
+        f'{{"event": "{e}", "vm": "v", "timestamp": {{"seconds": {i}, "microseconds": 0}}}}\n'
+        for i, e in enumerate(("STOP", "RESUME", "RESET"), 1)
+    )
+    a, b, c = map(str, paths)
+    for argv in (
+        ["replay", "-", "--rules", a, "--rules", b, c],  # the documented order, repeated
+        ["replay", "--rules", a, b, "--rules", c, "-"],  # the last use gives back the input
+        ["replay", "--rules", a, "--rules", b, "--rules", c, "--explain", "-"],
+    ):
+        result = cli(*argv, stdin=events)
+        assert result.returncode == 0, (argv, result.stderr)
+        assert [json.loads(x)["rule"] for x in result.stdout.splitlines()] == ["a", "b", "c"]
+
+
+def test_replay_without_events_is_a_usage_error() -> None:
+    for argv in (["replay"], ["replay", "--rules", "rules"], ["replay", "--explain"]):
+        result = cli(*argv)
+        assert result.returncode == 2, argv
+        assert "error: the following arguments are required: EVENTS" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_run_rules_accumulates_over_uses() -> None:
+    from reactor.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--rules", "a", "b", "--qmp", "x", "--rules", "c"])
+    assert args.rules == ["a", "b", "c"]
+    assert args.qmp == ["x"]
+    assert build_parser().parse_args(["run"]).rules is None
+
+
+def _command_rows() -> dict[tuple[str, ...], str]:
+    """The README's command table: the words naming each command, and its synopsis."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Commands\n", 1)[1].split("\n## ", 1)[0]
+    rows: dict[tuple[str, ...], str] = {}
+    for line in section.splitlines():
+        if line.startswith("| `qmp-reactor"):
+            synopsis = line.split("`")[1]
+            words = synopsis.split()[1:]
+            name = tuple(w for w in words[:2] if w.isalpha() and w.islower())
+            if len(name) == 2 and name[0] not in ("dlq", "silence"):
+                name = name[:1]
+            rows[name] = synopsis
+    return rows
+
+
+def _leaves(parser: Any, path: tuple[str, ...], inherited: list[str]) -> Iterator[tuple]:
+    import argparse
+
+    own: list[str] = []
+    children = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            children = list(action.choices.items())
+        elif isinstance(action, argparse._HelpAction):
+            continue
+        else:
+            own += action.option_strings or [action.metavar or action.dest.upper()]
+    if not children:
+        yield path, [*inherited, *own]
+    for name, child in children:
+        yield from _leaves(child, (*path, name), [*inherited, *own])
+
+
+def test_readme_command_table_lists_every_flag() -> None:
+    import re
+
+    from reactor.cli import build_parser
+
+    rows = _command_rows()
+    top = build_parser()
+    leaves = list(_leaves(top, (), []))
+    assert {path for path, _ in leaves} - {()} <= set(rows), sorted(rows)
+    assert "--version" in rows[()]
+    for path, flags in leaves:
+        if not path:
+            continue
+        for flag in flags:
+            if flag == "--version":
+                continue
+            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", rows[path]), (path, flag)

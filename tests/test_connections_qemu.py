@@ -229,24 +229,33 @@ def test_fifty_vms_at_once() -> None:
     count = 50
     names = [f"vm{i:02d}" for i in range(count)]
 
+    # Fifty QEMUs on a busy 2-core machine: started a few at a time, and every
+    # deadline (a QEMU's start, its greeting, each event) wide enough for a slow one.
+    room = asyncio.Semaphore(8)
+
+    async def start() -> ThrowawayQemu:
+        async with room:
+            return await blocking(
+                ThrowawayQemu, extra_qmp=["reactor"], extra_args=LIGHT, memory_mb=16,
+                start_timeout=120.0,
+            )  # fmt: skip
+
     async def scenario() -> None:
         rec = Recorder()
-        starts = [
-            blocking(ThrowawayQemu, extra_qmp=["reactor"], extra_args=LIGHT, memory_mb=16)
-            for _ in range(count)
-        ]
-        started = await asyncio.gather(*starts, return_exceptions=True)
+        started = await asyncio.gather(*(start() for _ in range(count)), return_exceptions=True)
         machines = [q for q in started if isinstance(q, ThrowawayQemu)]
         try:
             assert len(machines) == count, [e for e in started if isinstance(e, BaseException)]
-            async with watching(rec) as mgr:
+            async with watching(rec, greeting_timeout=60.0) as mgr:
                 for name, q in zip(names, machines, strict=True):
                     mgr.add(str(q.qmp_socket("reactor")), name=name)
                 for name in names:
-                    await rec.wait(name, "REACTOR_CONNECTED", timeout=30)
-                await asyncio.gather(*(blocking(q.qmp.execute, "stop") for q in machines))
+                    await rec.wait(name, "REACTOR_CONNECTED", timeout=180)
+                await asyncio.gather(
+                    *(blocking(q.qmp.execute, "stop", timeout=60.0) for q in machines)
+                )
                 for name in names:
-                    await rec.wait(name, "STOP", timeout=30)
+                    await rec.wait(name, "STOP", timeout=180)
                 assert all(vm.connected for vm in mgr.connections())
         finally:
             await asyncio.gather(*(blocking(q.close) for q in machines))

@@ -83,6 +83,7 @@ def _wait_log(path: Path, text: str, timeout: float = 20.0) -> str:
     raise AssertionError(f"{text!r} not in log:\n{path.read_text()}")
 
 
+@pytest.mark.qemu
 def test_run_reacts_reloads_and_stops(tmp_path: Path, receiver: Receiver) -> None:
     port = receiver.server_address[1]
     rules = tmp_path / "rules.yaml"
@@ -148,6 +149,7 @@ def test_run_with_bad_config_is_one_clean_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.qemu
 def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
     log = tmp_path / "sidecar.log"
     rules = tmp_path / "r.yaml"

@@ -53,6 +53,7 @@ def config(rules: Path, **extra: object) -> dict[str, object]:
 # -- kill -9 ----------------------------------------------------------------------------
 
 
+@pytest.mark.qemu
 def test_kill_9_of_the_sidecar_while_its_webhooks_retry_loses_nothing(
     tmp_path: Path, receiver: Receiver
 ) -> None:
@@ -89,6 +90,7 @@ def test_kill_9_of_the_sidecar_while_its_webhooks_retry_loses_nothing(
 # -- the receiver down ------------------------------------------------------------------
 
 
+@pytest.mark.qemu
 def test_receiver_down_while_events_keep_coming(tmp_path: Path, receiver: Receiver) -> None:
     rules = write_rules(
         tmp_path / "rules.yaml",
@@ -173,6 +175,7 @@ def fill(directory: Path) -> Path:
     return filler
 
 
+@pytest.mark.qemu
 def test_disk_full_makes_health_fail_and_loses_nothing(tmp_path: Path, receiver: Receiver) -> None:
     rules = write_rules(tmp_path / "rules.yaml", webhook_rule("stopped", "STOP", receiver.url))
     with ThrowawayQemu(name="vm1", extra_qmp=["vm1"]) as q, tmpfs(tmp_path / "state", "2m") as st:
@@ -243,6 +246,7 @@ def test_read_only_or_impossible_state_dir_is_one_clear_error(tmp_path: Path) ->
     assert "Not a directory" in results[1][1]
 
 
+@pytest.mark.qemu
 def test_a_journal_that_turned_read_only_keeps_its_work_until_it_is_writable(
     tmp_path: Path, receiver: Receiver
 ) -> None:
@@ -270,6 +274,7 @@ def test_a_journal_that_turned_read_only_keeps_its_work_until_it_is_writable(
 # -- QEMU killed, its socket deleted and re-created -------------------------------------
 
 
+@pytest.mark.qemu
 def test_qemu_killed_and_its_socket_deleted_and_recreated(
     tmp_path: Path, receiver: Receiver
 ) -> None:

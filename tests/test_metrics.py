@@ -259,6 +259,7 @@ def test_a_chosen_address_must_work_the_default_may_be_taken(
 # -- from the running sidecar -----------------------------------------------------------
 
 
+@pytest.mark.qemu
 def test_sidecar_counts_a_dead_letter_and_a_success(tmp_path: Path) -> None:
     receiver = Receiver()
     rules = write_rules(

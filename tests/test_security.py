@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from reactor.demo.machine import ThrowawayQemu
 from reactor.service.permissions import PLUGINS, RULES, path_warnings, why_writable
 from tests import fakeqmp
@@ -89,6 +91,7 @@ def echo(path: str, headers: dict[str, str], body: bytes) -> tuple[int, bytes] |
     return 400, b"refused: " + padding + f"{headers.get('Authorization')} {path}".encode()
 
 
+@pytest.mark.qemu
 def test_secrets_appear_in_no_output(tmp_path: Path) -> None:
     receiver = Receiver(secret=SECRETS["HOOK_SECRET"], answer=echo)
     rules = tmp_path / "rules.yaml"
@@ -157,6 +160,7 @@ def test_a_secret_cut_short_in_an_error_is_still_masked(tmp_path: Path) -> None:
     assert leaks(result.stderr) == []
 
 
+@pytest.mark.qemu
 def test_signatures_verify_independently_and_an_old_one_is_refused(tmp_path: Path) -> None:
     secret = SECRETS["HOOK_SECRET"]
     receiver = Receiver(secret=secret)
@@ -255,6 +259,7 @@ def test_run_refuses_exec_and_off_allowlist_qmp_unless_configured(tmp_path: Path
     assert re.match(rf"{re.escape(str(rules))}:6:\d+: error: qmp: .*'quit'", errors[1])
 
 
+@pytest.mark.qemu
 def test_exec_stays_off_for_work_resumed_from_the_journal(tmp_path: Path) -> None:
     first, second = tmp_path / "first", tmp_path / "second"
     script = f"if [ -e {first} ]; then touch {second}; else touch {first}; sleep 30; fi"

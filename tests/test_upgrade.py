@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from reactor.demo.machine import ThrowawayQemu
 from reactor.dispatch.journal import Journal
 from tests.support.ops import Receiver, Sidecar, webhook_rule, write_rules
@@ -71,6 +73,7 @@ def test_a_new_version_resumes_the_journal_an_old_one_left(tmp_path: Path) -> No
     assert "Traceback" not in sidecar.log_text()
 
 
+@pytest.mark.qemu
 def test_handover_on_sigterm_while_retrying_loses_nothing(tmp_path: Path) -> None:
     receiver = Receiver()
     receiver.down()

@@ -25,9 +25,8 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from pydantic import Field
 
 from reactor import __version__
@@ -37,6 +36,9 @@ from reactor.errors import PermanentActionError, TransientActionError
 from reactor.params.display import escape
 from reactor.params.templates import is_template
 from reactor.plugins.api import ActionContext, ActionParams, ActionType, CheckContext, Duration
+
+if TYPE_CHECKING:
+    import httpx  # imported when the first request is sent: `check` does without it
 from reactor.plugins.hookspecs import Register, hookimpl
 
 USER_AGENT = f"qmp-reactor/{__version__}"
@@ -85,6 +87,8 @@ class HttpClients:
             self._clients, self._loop = {}, loop
         client = self._clients.get(verify)
         if client is None:
+            import httpx
+
             client = httpx.AsyncClient(verify=verify, follow_redirects=False, trust_env=False)
             self._clients[verify] = client
         return client
@@ -177,6 +181,8 @@ async def run_webhook(
     params: WebhookParams, ctx: ActionContext, clients: HttpClients
 ) -> dict[str, Any]:
     """Send the request with ``clients``; the status code, or a transient/permanent error."""
+    import httpx
+
     redact = ctx.redact
     body, headers = _request(params, ctx)
     where = redact(f"webhook {params.method} {params.url}")

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from reactor import __version__
+from reactor.cli._args import Parser
 from reactor.errors import UserError
 from reactor.params.display import escape
 
@@ -34,7 +35,7 @@ COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every available subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="qmp-reactor",
         description="React to QEMU's QMP events with YAML rules.",
     )

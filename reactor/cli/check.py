@@ -6,9 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from reactor.cli._common import add_plugin_args, print_diagnostics, qemu_version_arg
-from reactor.errors import Diagnostic, RuleError
-from reactor.service.generation import Options, load_generation
+from reactor.cli._common import add_plugin_args, loading, print_diagnostics, qemu_version_arg
 
 
 def register(sub: Any) -> None:
@@ -39,6 +37,14 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the rules; 0 when all is well, 1 on any error."""
+    with loading():
+        return _check(args)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from reactor.errors import Diagnostic, RuleError
+    from reactor.service.generation import Options, load_generation
+
     opts = Options(
         config=args.config,
         rules=args.paths or None,

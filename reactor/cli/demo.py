@@ -7,9 +7,6 @@ import logging
 import sys
 from typing import Any
 
-from reactor.demo.run import run_demo
-from reactor.service.logs import TextFormatter
-
 
 def register(sub: Any) -> None:
     """Add the ``demo`` subcommand."""
@@ -28,6 +25,9 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo."""
+    from reactor.demo.run import run_demo
+    from reactor.service.logs import TextFormatter
+
     # What the actions did is part of the show: audit lines and notices go to stdout.
     shown = logging.StreamHandler(sys.stdout)
     shown.setFormatter(TextFormatter("         -> %(message)s"))

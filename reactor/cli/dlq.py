@@ -17,17 +17,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from reactor.dispatch.journal import (
-    Invocation,
-    Journal,
-    JournalError,
-    default_state_dir,
-    journal_path,
-)
 from reactor.errors import UserError
 from reactor.params.display import escape
+
+if TYPE_CHECKING:
+    from reactor.dispatch.journal import Invocation, Journal
 
 
 def register(subparsers: Any) -> None:
@@ -55,6 +51,8 @@ def register(subparsers: Any) -> None:
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
+    from reactor.dispatch.journal import default_state_dir
+
     given = getattr(args, "state_dir", None)
     return Path(given) if given is not None else default_state_dir()
 
@@ -64,6 +62,8 @@ def _open(args: argparse.Namespace) -> Journal | None:
 
     An emptied or damaged journal is a ``ConfigError`` that says how to start over.
     """
+    from reactor.dispatch.journal import Journal, journal_path
+
     path = journal_path(_state_dir(args))
     return Journal(path) if path.exists() else None
 
@@ -71,6 +71,8 @@ def _open(args: argparse.Namespace) -> Journal | None:
 @contextmanager
 def _reading(journal: Journal | None) -> Iterator[None]:
     """Close ``journal`` at the end; a failed read or write is one line, not a traceback."""
+    from reactor.dispatch.journal import JournalError
+
     try:
         yield
     except JournalError as err:
@@ -82,6 +84,8 @@ def _reading(journal: Journal | None) -> Iterator[None]:
 
 def run_list(args: argparse.Namespace) -> int:
     """Print the dead letters; 0 (also when there are none)."""
+    from reactor.dispatch.journal import journal_path
+
     journal = _open(args)
     with _reading(journal):
         dead = journal.dead_letters() if journal else []

@@ -7,13 +7,14 @@ import json
 import sys
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
-
-from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 from reactor.cli._common import add_plugin_args
-from reactor.plugins.manager import Plugins, load_plugins
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from reactor.plugins.manager import Plugins
 
 
 def register(subparsers: Any) -> None:
@@ -28,6 +29,8 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the plugins and action types; 0 on success (a broken plugin raises PluginError)."""
+    from reactor.plugins.manager import load_plugins
+
     dirs = [Path(d) for d in (args.plugin_dir or ["plugins"])]
     plugins = load_plugins(plugin_dirs=dirs, blocked=args.block_plugin or ())
     report = describe(plugins)
@@ -63,6 +66,8 @@ def describe(plugins: Plugins) -> dict[str, Any]:
 
 def parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
     """Each field of a parameter model: name, type, required, default, description."""
+    from pydantic_core import PydanticUndefined
+
     rows = []
     for name, field in model.model_fields.items():
         default = None

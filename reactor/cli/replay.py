@@ -4,30 +4,43 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reactor.cli._common import add_plugin_args, print_diagnostics, qemu_version_arg
-from reactor.engine.replay import DryRunWriter, open_inputs, replay
-from reactor.model import Envelope, Firing, Rule
+from reactor.cli._args import Positionals
+from reactor.cli._common import (
+    add_plugin_args,
+    add_rules_arg,
+    loading,
+    print_diagnostics,
+    qemu_version_arg,
+)
 from reactor.params.display import escape
-from reactor.service.generation import Options, load_generation
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from reactor.dispatch.silences import Silence, SilenceFilter
+    from reactor.model import Envelope, Firing, Rule
 
 
 def register(sub: Any) -> None:
     """Add the ``replay`` subcommand."""
     p: argparse.ArgumentParser = sub.add_parser(
         "replay",
+        usage="%(prog)s EVENTS... [--rules PATH...] [options]",
         help="replay recorded events through the rules",
         description="Replay QMP events (JSON lines) through the rules on a virtual clock. "
         "Dry run by default: one JSON line per action that would run.",
     )
-    p.add_argument("events", nargs="+", metavar="EVENTS", help="JSON-lines files, or - for stdin")
-    p.add_argument("--rules", nargs="+", metavar="PATH", help="rule files or directories")
+    p.add_argument(
+        "events",
+        action=Positionals,
+        lender="rules",
+        metavar="EVENTS",
+        help="one or more JSON-lines files, or - for stdin",
+    )
+    add_rules_arg(p)
     p.add_argument("--explain", action="store_true", help="say on stderr why rules fired or not")
     p.add_argument("--execute", action="store_true", help="run the actions for real")
     p.add_argument(
@@ -77,9 +90,13 @@ def _silenced(state_dir: Path, explain: bool) -> SilenceFilter:
 
 def run(args: argparse.Namespace) -> int:
     """Replay; exit 1 if a line was malformed or rules are invalid."""
-    gen = load_generation(
-        Options(rules=args.rules, plugin_dirs=args.plugin_dir, block_plugins=args.block_plugin)
-    )
+    with loading():
+        from reactor.engine.replay import DryRunWriter, open_inputs, replay
+        from reactor.service.generation import Options, load_generation
+
+        gen = load_generation(
+            Options(rules=args.rules, plugin_dirs=args.plugin_dir, block_plugins=args.block_plugin)
+        )
     print_diagnostics(gen.diagnostics)
     if args.execute:
         from reactor.service.execute import execute_replay

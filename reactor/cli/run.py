@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from reactor.cli._common import duration_arg
-from reactor.service.daemon import Options, run_daemon
+from reactor.cli._common import add_rules_arg, duration_arg
 
 
 def register(sub: Any) -> None:
@@ -18,7 +17,7 @@ def register(sub: Any) -> None:
         description="Hold a QMP connection to every VM and run the rules on their events.",
     )
     p.add_argument("--config", type=Path, metavar="FILE", help="configuration file (YAML)")
-    p.add_argument("--rules", nargs="+", metavar="PATH", help="rule files or directories")
+    add_rules_arg(p, default="the configuration's, else ./rules, else the bundled pack")
     p.add_argument(
         "--qmp",
         action="append",
@@ -55,6 +54,8 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run until SIGTERM or SIGINT."""
+    from reactor.service.daemon import Options, run_daemon
+
     opts = Options(
         config=args.config,
         rules=args.rules,

@@ -12,20 +12,16 @@ Runs until Ctrl-C or SIGTERM, then exits 0.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import signal
-import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reactor.cli._common import duration_arg
 from reactor.errors import ConfigError
-from reactor.model import Envelope
 from reactor.params.display import escape
-from reactor.sources.discovery import check_dial_address, parse_address
-from reactor.sources.manager import ConnectionManager
+
+if TYPE_CHECKING:
+    from reactor.model import Envelope
 
 
 def register(subparsers: Any) -> None:
@@ -62,13 +58,18 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Tail until interrupted; bad addresses raise ``ConfigError`` before anything starts."""
+    import asyncio
+
+    from reactor.cli._following import follow
+    from reactor.sources.discovery import check_dial_address, parse_address
+
     if not (args.addresses or args.qmp_glob or args.listen):
         raise ConfigError("tail: give at least one ADDR, --qmp-glob or --listen")
     for address in args.addresses:
         check_dial_address(address)
     if args.listen:
         parse_address(args.listen)
-    asyncio.run(_tail(args, json_line if args.json else text_line))
+    asyncio.run(follow(args, json_line if args.json else text_line))
     return 0
 
 
@@ -97,51 +98,3 @@ def json_line(env: Envelope) -> str:
         "vm": env["vm"],
     }
     return json.dumps(record, separators=(",", ":"))
-
-
-async def _tail(args: argparse.Namespace, printer: Callable[[Envelope], str]) -> None:
-    stop = asyncio.Event()
-
-    def emit(env: Envelope) -> None:
-        try:
-            sys.stdout.write(printer(env) + "\n")
-            sys.stdout.flush()
-        except BrokenPipeError:
-            stop.set()  # the reader went away (tail | head): nothing left to do
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with ConnectionManager(emit, reconcile=args.reconcile) as manager:
-            for address in args.addresses:
-                manager.add(address)
-            await _until_stopped(stop, _watchers(manager, args))
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-
-def _watchers(manager: ConnectionManager, args: argparse.Namespace) -> list[asyncio.Task[None]]:
-    tasks = []
-    if args.qmp_glob:
-        tasks.append(asyncio.create_task(manager.watch_globs(args.qmp_glob)))
-    if args.listen:
-        tasks.append(asyncio.create_task(manager.listen(args.listen)))
-    return tasks
-
-
-async def _until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
-    """Wait for ``stop``; a watcher that fails (a listen address in use) ends it too."""
-    stopper = asyncio.create_task(stop.wait())
-    everything = [stopper, *tasks]
-    try:
-        await asyncio.wait(everything, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in everything:
-            task.cancel()
-        await asyncio.wait(everything)
-    for task in tasks:
-        err = None if task.cancelled() else task.exception()
-        if err is not None:
-            raise err

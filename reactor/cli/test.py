@@ -29,7 +29,11 @@ def register(sub: Any) -> None:
         description="Run rule unit tests (*_test.yaml) on the replay's virtual clock.",
     )
     p.add_argument(
-        "paths", nargs="+", type=Path, metavar="FILE|DIR", help="test files, or directories"
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="test files, or directories of *_test.yaml",
     )
     p.add_argument("--junit", type=Path, metavar="FILE", help="also write JUnit XML to FILE")
     add_plugin_args(p)
