@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from reactor.demo.machine import ThrowawayQemu
@@ -88,6 +89,7 @@ def marks(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
+@pytest.mark.qemu
 def test_a_new_drop_in_action_type_works_after_sighup(tmp_path: Path) -> None:
     plugins, out, lifecycle = tmp_path / "plugins", tmp_path / "marks", tmp_path / "lifecycle"
     plugins.mkdir()
@@ -121,6 +123,7 @@ def test_a_new_drop_in_action_type_works_after_sighup(tmp_path: Path) -> None:
     assert "Traceback" not in sidecar.log_text()
 
 
+@pytest.mark.qemu
 def test_exec_enabled_is_applied_by_sighup_and_unsafe_changes_are_refused(tmp_path: Path) -> None:
     out = tmp_path / "ran"
     rules = write_rules(tmp_path / "rules.yaml", _rule("seen", "STOP", "log", {}))
@@ -160,6 +163,7 @@ def test_exec_enabled_is_applied_by_sighup_and_unsafe_changes_are_refused(tmp_pa
     assert "Traceback" not in sidecar.log_text()
 
 
+@pytest.mark.qemu
 def test_sockets_added_and_removed_by_sighup(tmp_path: Path) -> None:
     rules = write_rules(
         tmp_path / "rules.yaml",

@@ -197,7 +197,7 @@ class Metrics:
             if len(seen) >= MAX_EVENTS_PER_VM:
                 key = (OTHER, OTHER)
             seen.add(key)
-        self._io_errors.labels(vm, *key).inc()
+        self._io_errors.labels(encodable(vm), *(encodable(k) for k in key)).inc()
 
     def outcome(self, outcome: ActionOutcome) -> None:
         """Count one reported outcome (``hookspecs.ActionOutcome``) of an action."""
@@ -313,7 +313,7 @@ def _remediation(
     )  # fmt: skip
     for vm, st in sorted(snap.run_states.items()) if snap is not None else ():
         for state in RUN_STATES:
-            states.add_metric([vm, state], 1.0 if state == st else 0.0)
+            states.add_metric([encodable(vm), state], 1.0 if state == st else 0.0)
     suppressed = CounterMetricFamily(
         PREFIX + "firings_suppressed", "Matching events that did not fire when they came: held "
         "by a rule's threshold or throttle, or restarts refused by the guard", labels=["reason"],
@@ -322,7 +322,7 @@ def _remediation(
     for vm, per_vm in events.items():
         cell = per_vm.get("GUEST_PANICKED")
         if cell is not None:
-            panics.add_metric([vm], cell[0])
+            panics.add_metric([encodable(vm)], cell[0])
         guard += per_vm.get("REACTOR_RESTART_SUPPRESSED", [0])[0]
     if snap is not None:
         for reason in ("threshold", "throttle"):
