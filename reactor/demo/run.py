@@ -118,7 +118,7 @@ async def _run(q: ThrowawayQemu, rules: Any, plugins: Any, state: Path, n: Narra
         state_dir=state,
         observe=n.event,
         on_outcome=n.outcome,
-        vm_lookup=conns.get,
+        vm_lookup=conns.lookup,
     )
     await reactor.start()
     conns.add(str(q.qmp_socket(VM)), VM)

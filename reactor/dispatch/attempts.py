@@ -89,7 +89,7 @@ class Runner:
         settings: ActionSettings,
         render: Render,
         outbox: Outbox,
-        vm_lookup: Callable[[str], VmControl | None],
+        vm_lookup: Callable[[str, str | None], VmControl | None],
         emit: Emit | None,
         on_outcome: Callable[[ActionOutcome], None] | None,
         redact: Callable[[str], str],
@@ -209,7 +209,7 @@ class Runner:
             context=inv.context,
             attempt=inv.attempts,
             settings=self.settings,
-            vm=self.vm_lookup(inv.vm) if inv.vm else None,
+            vm=self.vm_lookup(inv.vm, inv.envelope.get("source")) if inv.vm else None,
             emit=None if emit is None else (lambda name, data: emit(inv.vm, name, data)),
         )
 

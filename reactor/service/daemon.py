@@ -213,7 +213,7 @@ class Daemon:
             state_dir=self.state_dir,
             observe=self._observe if self.plugins.pm.hook.reactor_event.get_hookimpls() else None,
             on_outcome=self._on_outcome,
-            vm_lookup=self.conns.get,
+            vm_lookup=self.conns.lookup,
             emit=self._emit,
         )
         await self.plugins.startup(cfg.actions.settings())
@@ -228,7 +228,8 @@ class Daemon:
         if cfg.qmp_glob:
             self._tasks.append(asyncio.create_task(self.conns.watch_globs(cfg.qmp_glob)))
         if cfg.listen:
-            self._tasks.append(asyncio.create_task(self.conns.listen(cfg.listen)))
+            listening = self.conns.listen(cfg.listen, cfg.listener.policy())
+            self._tasks.append(asyncio.create_task(listening))
         await asyncio.sleep(0)  # let the listener bind: a bad address stops us before "ready"
         self._check_tasks()
         tune_for_serving()

@@ -3,8 +3,10 @@
 ``Reactor`` is what ``run``, ``demo`` and ``replay --execute`` share: envelopes
 go in through ``feed``; the engine's firings go to the dispatcher, which runs
 the actions through the journal; actions reach VMs through ``vm_lookup`` and
-raise synthetic events back through ``emit``. The event source (QMP
-connections, a replay file) is the caller's.
+raise synthetic events back through ``emit``. ``vm_lookup(vm, source)`` gets the
+VM's name and the ``source`` of the envelope that fired the action, so an action
+reaches the connection that raised its event, never a later one with that
+name. The event source (QMP connections, a replay file) is the caller's.
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ class Reactor:
         settings: ActionSettings | None = None,
         observe: Callable[[Envelope], None] | None = None,
         on_outcome: Callable[[ActionOutcome], None] | None = None,
-        vm_lookup: Callable[[str], VmControl | None] = lambda vm: None,
+        vm_lookup: Callable[[str, str | None], VmControl | None] = lambda vm, source: None,
         emit: Callable[[str, str, dict[str, Any]], None] | None = None,
         sleep: Any = None,
     ) -> None:

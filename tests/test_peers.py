@@ -1,0 +1,338 @@
+"""Server mode trusts nobody: names, sources, socket modes and peer credentials.
+
+Against the listener (``--listen``) with fake QEMUs (tests/fakeqmp.py, and
+tests/support/qmpclient.py in its own process where a second QEMU must be
+another process): a peer that claims a name another source holds is refused,
+an action goes only to the source that raised its event, the unix socket is
+0600 and peers can be filtered by uid/gid. QEMU itself never sends these, so a
+fake peer is the right tool here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from reactor.sources import server as listen_mode
+from reactor.sources.manager import ConnectionManager
+from reactor.sources.server import ListenPolicy
+from tests.fakeqmp import FakeQmp
+from tests.support.ops import Sidecar, write_rules
+from tests.test_connections import FAST, Recorder, _fake_qemu_client
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    # pytest's tmp_path can exceed the 108-byte limit of a unix socket path
+    path = Path(tempfile.mkdtemp(prefix="qr-peer-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def listening(
+    rec: Recorder, listen: str, policy: ListenPolicy | None = None
+) -> AsyncIterator[ConnectionManager]:
+    mgr = ConnectionManager(rec, **FAST)
+    server = asyncio.create_task(mgr.listen(listen, policy))
+    try:
+        async with asyncio.timeout(10):
+            while not os.path.exists(listen):
+                await asyncio.sleep(0.01)
+        yield mgr
+    finally:
+        server.cancel()
+        await asyncio.wait([server])
+        await mgr.aclose()
+
+
+async def other_process(listen: str, name: str, *events: str, leave: bool = False) -> Any:
+    """A fake QEMU in its own process (its own pid: another QEMU to the listener)."""
+    argv = [sys.executable, "-m", "tests.support.qmpclient", listen, name, *events]
+    return await asyncio.create_subprocess_exec(
+        *([*argv, "--leave"] if leave else argv),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+async def commands_of(proc: Any, timeout: float = 30.0) -> list[str]:
+    """The commands a fake QEMU process received after the handshake, once it has exited."""
+    try:
+        async with asyncio.timeout(timeout):
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return list(out.decode().split())
+
+
+# -- names belong to one source ---------------------------------------------------------
+
+
+def test_a_peer_cannot_take_the_name_of_a_dialled_vm(
+    sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    listen, victim = str(sockdir / "reactor.sock"), str(sockdir / "victim.qmp")
+
+    async def scenario() -> None:
+        rec = Recorder()
+        async with FakeQmp(victim), listening(rec, listen) as mgr:
+            dialled = mgr.add(victim)
+            await rec.wait("victim", "REACTOR_CONNECTED", timeout=10)
+            with caplog.at_level(logging.WARNING):
+                task, _ = await _fake_qemu_client(listen, "victim")
+                await asyncio.wait_for(task, 10)  # hung up on after query-name
+            assert "VM name 'victim' belongs to " + victim in caplog.text
+            assert mgr.get("victim") is dialled and dialled.connected
+            assert mgr.lookup("victim", victim) is dialled
+            assert await dialled.execute("query-status") == {
+                "status": "running", "singlestep": False, "running": True}  # fmt: skip
+            assert {e["source"] for e in rec.of("victim")} == {victim}
+
+    asyncio.run(scenario())
+
+
+def test_a_second_qemu_claiming_a_live_peers_name_is_refused(sockdir: Path) -> None:
+    listen = str(sockdir / "reactor.sock")
+
+    async def scenario() -> None:
+        rec = Recorder()
+        async with listening(rec, listen) as mgr:
+            first = await other_process(listen, "guest1")
+            try:
+                hello = await rec.wait("guest1", "REACTOR_CONNECTED", timeout=30)
+                intruder = await other_process(listen, "guest1", "GUEST_PANICKED")
+                assert await commands_of(intruder) == ["query-name"]
+                conn = mgr.lookup("guest1", hello["source"])
+                assert conn is not None and conn.connected
+                assert rec.of("guest1", "GUEST_PANICKED") == []
+            finally:
+                first.terminate()
+                await first.wait()
+
+    asyncio.run(scenario())
+
+
+def test_actions_reach_only_the_source_that_raised_their_event(sockdir: Path) -> None:
+    listen, dialled_path = str(sockdir / "reactor.sock"), str(sockdir / "web.qmp")
+
+    async def scenario() -> None:
+        rec = Recorder()
+        async with listening(rec, listen) as mgr:
+            liar = await other_process(listen, "victim", "GUEST_PANICKED", leave=True)
+            panic = await rec.wait("victim", "GUEST_PANICKED", timeout=30)
+            await commands_of(liar)
+            await rec.wait("victim", "REACTOR_DISCONNECTED")
+            real = await other_process(listen, "victim")
+            try:
+                hello = await rec.wait("victim", "REACTOR_CONNECTED", 2, timeout=30)
+                assert hello["source"] != panic["source"]  # another process: another source
+                assert hello["source"].startswith(f"{listen}#victim@pid-{real.pid}.")
+                assert hello["seq"] > panic["seq"]  # seq still goes on per name
+                assert mgr.lookup("victim", panic["source"]) is None
+                conn = mgr.lookup("victim", hello["source"])
+                assert conn is not None and conn is mgr.get("victim")
+                assert mgr.lookup("victim", "reactor") is conn  # our own events: by name
+                assert mgr.lookup("other", hello["source"]) is None
+            finally:
+                real.terminate()
+                await real.wait()
+
+            async with FakeQmp(dialled_path):  # a dialled VM is one source across reconnects
+                web = mgr.add(dialled_path)
+                await rec.wait("web", "REACTOR_CONNECTED", timeout=10)
+            await rec.wait("web", "REACTOR_DISCONNECTED", timeout=10)
+            async with FakeQmp(dialled_path):
+                await rec.wait("web", "REACTOR_CONNECTED", 2, timeout=10)
+                assert mgr.lookup("web", dialled_path) is web and web.connected
+
+    asyncio.run(scenario())
+
+
+# -- the socket and its peers -----------------------------------------------------------
+
+
+def _a_group_we_may_give() -> int:
+    """A group the socket may be given: any but our own as root, else one we are in."""
+    if os.geteuid() == 0:
+        return next((g.gr_gid for g in grp.getgrall() if g.gr_gid != os.getgid()), 0)
+    return (os.getgroups() or [os.getgid()])[-1]
+
+
+def test_the_unix_socket_is_0600_or_0660_for_a_group(sockdir: Path) -> None:
+    old = os.umask(0)  # the umask must not decide who may connect
+    try:
+        with listen_mode.bind(str(sockdir / "a.sock")):
+            assert stat.S_IMODE(os.stat(sockdir / "a.sock").st_mode) == 0o600
+        group = _a_group_we_may_give()
+        with listen_mode.bind(str(sockdir / "b.sock"), ListenPolicy(group=group)):
+            st = os.stat(sockdir / "b.sock")
+            assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == group
+    finally:
+        os.umask(old)
+
+
+def test_peers_outside_the_allowed_uids_and_gids_are_hung_up_on(
+    sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    listen = str(sockdir / "reactor.sock")
+    me, mine = os.getuid(), os.getgid()
+
+    async def scenario() -> None:
+        rec = Recorder()
+        deny = ListenPolicy(uids=frozenset({me + 1}), gids=frozenset({mine + 1}))
+        async with listening(rec, listen, deny):
+            with caplog.at_level(logging.WARNING):
+                stranger = await other_process(listen, "guest1", "GUEST_PANICKED")
+                assert await commands_of(stranger) == []  # not even greeted to
+            assert f"uid {me}, gid {mine}): not in listener.allow" in caplog.text
+        assert rec.envelopes == []
+        for allow in (ListenPolicy(uids=frozenset({me})), ListenPolicy(gids=frozenset({mine}))):
+            rec = Recorder()
+            async with listening(rec, listen, allow):
+                friend = await other_process(listen, "guest1", "GUEST_PANICKED", leave=True)
+                await rec.wait("guest1", "GUEST_PANICKED", timeout=30)
+                await commands_of(friend)
+
+    asyncio.run(scenario())
+
+
+def test_listener_settings_are_checked_where_they_are_written(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("listen: /run/r.sock\nlistener:\n  allow_users: [root, no-such-user-xy]\n"
+                   "  max_handshakes: 0\n")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "reactor", "check", "--config", str(cfg)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"{cfg}:3:23: error: 'listener.allow_users.1': no user 'no-such-user-xy'" in proc.stderr
+    assert f"{cfg}:4:19: error: 'listener.max_handshakes'" in proc.stderr
+
+
+# -- the whole sidecar ------------------------------------------------------------------
+
+
+def test_a_restart_raised_by_an_impostor_never_reaches_the_real_vm(
+    tmp_path: Path, sockdir: Path
+) -> None:
+    """The issue's attack: claim "victim", panic, leave; the retried restart must not follow."""
+    listen = str(sockdir / "reactor.sock")
+    rules = write_rules(tmp_path / "rules.yaml", {
+        "name": "panic-restart", "on": "GUEST_PANICKED",
+        "actions": [{"type": "restart_vm", "with": {"method": "reset", "timeout": "1s"},
+                     "retry": {"attempts": 6, "initial": "0.3s", "max": "0.5s", "jitter": 0}}],
+    })  # fmt: skip
+    base = [sys.executable, "-m", "tests.support.qmpclient", listen, "victim"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with Sidecar(tmp_path, {"rules": [str(rules)], "listen": listen}, env=env) as sidecar:
+        sidecar.start().wait_log("ready")
+        subprocess.run([*base, "GUEST_PANICKED", "--leave"], cwd=ROOT, env=env, timeout=60,
+                       check=True, capture_output=True)  # fmt: skip
+        sidecar.wait_log("victim: disconnected")
+        real = subprocess.Popen(base, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+        try:
+            assert real.stdout is not None
+            seen = [real.stdout.readline().strip() for _ in range(3)]  # announced
+            assert seen == ["query-name", "query-version", "query-status"]
+            sidecar.wait_metric(lambda s: s.value("qmp_reactor_dead_letters") == 1,
+                                what="the impostor's restart dead-lettered",
+                                timeout=60)  # fmt: skip
+        finally:
+            real.terminate()
+            out, _ = real.communicate(timeout=30)
+        assert sidecar.stop() == 0
+    assert out.split() == []  # not a single command after the opening queries
+    assert "Traceback" not in sidecar.log_text()
+
+
+def test_a_dialled_vm_survives_a_peer_that_claims_its_name(tmp_path: Path, sockdir: Path) -> None:
+    """Before: the peer took over the name and, leaving, orphaned the dialled VM."""
+    listen, victim = str(sockdir / "reactor.sock"), str(sockdir / "victim.qmp")
+    rules = write_rules(tmp_path / "rules.yaml", {
+        "name": "stop-cont", "on": "STOP",
+        "actions": [{"type": "qmp", "with": {"command": "cont"}}],
+    })  # fmt: skip
+    cfg = {"rules": [str(rules)], "listen": listen, "qmp": [victim]}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    script = (
+        "import asyncio, sys\n"
+        "from tests.fakeqmp import FakeQmp\n"
+        "async def main():\n"
+        "    async with FakeQmp(sys.argv[1]) as q:\n"
+        "        peer = await q.wait_accepted(1, timeout=60)\n"
+        "        await asyncio.sleep(1)\n"
+        "        await peer.send_event('STOP')\n"
+        "        for _ in range(600):\n"
+        "            if 'cont' in peer.commands:\n"
+        "                print('cont', flush=True); return\n"
+        "            await asyncio.sleep(0.1)\n"
+        "asyncio.run(main())\n"
+    )
+    qemu = subprocess.Popen([sys.executable, "-c", script, victim], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        async_wait_for_socket(victim)
+        with Sidecar(tmp_path, cfg, env=env) as sidecar:
+            sidecar.start().wait_log("victim: connected")
+            subprocess.run([sys.executable, "-m", "tests.support.qmpclient", listen, "victim",
+                            "STOP", "--leave"], cwd=ROOT, env=env, timeout=60, check=True,
+                           capture_output=True)  # fmt: skip
+            sidecar.wait_log("refused .*: VM name 'victim' belongs to ")
+            out, _ = qemu.communicate(timeout=90)  # the dialled VM's STOP gets its cont
+            samples = sidecar.scrape()
+            assert sidecar.stop() == 0
+    finally:
+        qemu.kill()
+        qemu.wait()
+    assert out.split() == ["cont"]
+    assert samples.value("qmp_reactor_actions_total", action="qmp", outcome="ok") == 1
+    assert samples.value("qmp_reactor_dead_letters") == 0
+
+
+def async_wait_for_socket(path: str, timeout: float = 30.0) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_the_sidecar_passes_the_listener_settings_on(tmp_path: Path, sockdir: Path) -> None:
+    listen = str(sockdir / "reactor.sock")
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        {"name": "log", "on": "STOP", "actions": [{"type": "log", "with": {"message": "x"}}]},
+    )
+    cfg = {"rules": [str(rules)], "listen": listen,
+           "listener": {"allow_users": [os.getuid() + 1]}}  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with Sidecar(tmp_path, cfg, env=env) as sidecar:
+        sidecar.start().wait_log("ready")
+        assert stat.S_IMODE(os.stat(listen).st_mode) == 0o600
+        subprocess.run([sys.executable, "-m", "tests.support.qmpclient", listen, "guest1"],
+                       cwd=ROOT, env=env, timeout=60, check=True, capture_output=True)  # fmt: skip
+        sidecar.wait_log(f"uid {os.getuid()}, gid {os.getgid()}\\): not in listener.allow")
+        assert sidecar.stop() == 0
+    assert yaml.safe_load(sidecar.config_path.read_text())["listener"]
