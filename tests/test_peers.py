@@ -1,11 +1,12 @@
-"""Server mode trusts nobody: names, sources, socket modes and peer credentials.
+"""Peers are trusted with nothing: names, sources, sockets, credentials, memory.
 
 Against the listener (``--listen``) with fake QEMUs (tests/fakeqmp.py, and
 tests/support/qmpclient.py in its own process where a second QEMU must be
 another process): a peer that claims a name another source holds is refused,
 an action goes only to the source that raised its event, the unix socket is
-0600 and peers can be filtered by uid/gid. QEMU itself never sends these, so a
-fake peer is the right tool here.
+0600 and peers can be filtered by uid/gid; what a peer makes us hold is
+bounded by bytes and the listener's connections by count. QEMU itself never
+sends these, so a fake peer is the right tool here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ import yaml
 from reactor.sources import server as listen_mode
 from reactor.sources.manager import ConnectionManager
 from reactor.sources.server import ListenPolicy
-from tests.fakeqmp import FakeQmp
+from tests.fakeqmp import Behaviour, FakeQmp, Peer, encode_event
 from tests.support.ops import Sidecar, write_rules
 from tests.test_connections import FAST, Recorder, _fake_qemu_client
 
@@ -336,3 +338,58 @@ def test_the_sidecar_passes_the_listener_settings_on(tmp_path: Path, sockdir: Pa
         sidecar.wait_log(f"uid {os.getuid()}, gid {os.getgid()}\\): not in listener.allow")
         assert sidecar.stop() == 0
     assert yaml.safe_load(sidecar.config_path.read_text())["listener"]
+
+
+# -- memory is bounded by bytes ---------------------------------------------------------
+
+BIG = 930 * 1024
+
+
+def withholding(events: int, size: int = BIG) -> Behaviour:
+    """Greet, then withhold the query-version reply while streaming ``events`` huge events."""
+    line = encode_event("BLOCK_IO_ERROR", {"device": "d" * size, "operation": "write"})
+
+    async def behave(peer: Peer) -> None:
+        await peer.handshake()
+        query_version = await peer.read_command()
+        assert query_version is not None
+        for _ in range(events):
+            await peer.send_raw(line)
+        await peer.answer(query_version)
+        await peer.serve_commands()
+
+    return behave
+
+
+def test_a_peer_that_withholds_its_reply_while_streaming_cannot_grow_us(
+    sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = str(sockdir / "bomb.qmp")
+    events = 150  # 136 MiB; before, every one was held until the reply came
+
+    async def scenario() -> int:
+        rec = Recorder()
+        async with FakeQmp(path, withholding(events)) as qemu:
+            mgr = ConnectionManager(rec, greeting_timeout=120, backoff_max=0.1)
+            try:
+                mgr.add(path)
+                hello = await rec.wait("bomb", "REACTOR_CONNECTED", timeout=120)
+                await qemu.peers[0].send_event("STOP")
+                await rec.wait("bomb", "STOP", timeout=30)
+            finally:
+                await mgr.aclose()
+            held = rec.of("bomb", "BLOCK_IO_ERROR")
+            assert 1 <= len(held) <= 9  # the newest 8 MiB, after the connected event
+            assert all(e["seq"] > hello["seq"] for e in held)
+            return qemu.peers[0].sent
+
+    tracemalloc.start()
+    try:
+        with caplog.at_level(logging.WARNING):
+            sent = asyncio.run(scenario())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sent > events * BIG
+    assert peak < 48 * 1024 * 1024, f"peak {peak / 2**20:.0f} MiB"
+    assert "events dropped while connecting" in caplog.text

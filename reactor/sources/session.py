@@ -5,7 +5,8 @@ library hands every event to ``EventListener`` objects whose ``history`` lists
 and queues grow without bound unless drained, which a sidecar running for
 months cannot afford. Here an event never becomes a library ``Message``: the
 reader parses the line, stamps the time it was read, and calls ``sink`` right
-away (or holds it, in a bounded deque, until the session is announced). Command
+away (or holds it, bounded by count and by bytes, until the session is
+announced). Command
 replies still take the library's normal route, so ``execute`` works unchanged.
 
 The read buffer is bounded by ``max_message``: a longer line ends the session
@@ -38,6 +39,9 @@ MAX_MESSAGE = 1 << 20
 BURST = 32
 """Events of one VM handled before the loop turns to the others (a flood must not starve them)."""
 
+BURST_BYTES = 256 * 1024
+"""Bytes of events of one VM parsed before the loop turns to the others (big events count more)."""
+
 READ_PACE: ContextVar[Callable[[], asyncio.Event | None] | None] = ContextVar(
     "read_pace", default=None
 )
@@ -51,6 +55,10 @@ their tasks inherit it, so the connection layers in between need not carry it.
 
 HOLD_MAX = 10_000
 """Events kept while a session is being announced; older ones are dropped past this."""
+
+HOLD_BYTES = 8 * 1024 * 1024
+"""Bytes of events (as read) kept while a session is being announced; older ones are
+dropped past this, so a peer that withholds its replies while it streams cannot grow us."""
 
 # qemu.qmp logs every failed attempt and every ended session at ERROR; our own
 # logger says the same once per state change, so the library's copy stays quiet
@@ -95,17 +103,20 @@ def describe(err: BaseException, limit: int = 200) -> str:
 class QmpLink(QMPClient):
     """A QMP client whose events go straight to ``sink`` (or a bounded hold)."""
 
-    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+    def __init__(self, max_message: int = MAX_MESSAGE, hold_bytes: int = HOLD_BYTES) -> None:
         super().__init__(None, max_message)
         self.logger = WIRE_LOG
         self.sink: EventSink | None = None
-        self.held: deque[tuple[RawEvent, float]] = deque(maxlen=HOLD_MAX)
+        self.held: deque[tuple[RawEvent, float, int]] = deque()
+        self.held_bytes = 0
+        self.hold_bytes = hold_bytes
         self.dropped = 0
 
     def release(self, sink: EventSink) -> None:
         """Deliver the held events to ``sink``, then send every new event there."""
-        held, self.held = self.held, deque(maxlen=HOLD_MAX)
-        for obj, received in held:
+        held, self.held, self.held_bytes = self.held, deque(), 0
+        while held:
+            obj, received, _ = held.popleft()  # each one freed as soon as it is delivered
             sink(obj, received)
         self.sink = sink
 
@@ -131,18 +142,21 @@ class QmpLink(QMPClient):
             return describe(err)
         return "closed"
 
-    def _hold(self, obj: RawEvent, received: float) -> None:
-        if len(self.held) == self.held.maxlen:
+    def _hold(self, obj: RawEvent, received: float, size: int) -> None:
+        held = self.held
+        held.append((obj, received, size))
+        self.held_bytes += size
+        while len(held) > HOLD_MAX or (self.held_bytes > self.hold_bytes and len(held) > 1):
+            self.held_bytes -= held.popleft()[2]
             self.dropped += 1
-        self.held.append((obj, received))
 
     async def _do_recv(self) -> Message:
-        burst = 0
+        burst = burst_bytes = 0
         pace = READ_PACE.get()
         while True:
-            if burst >= BURST:
+            if burst >= BURST or burst_bytes >= BURST_BYTES:
                 # A line already buffered is read without a pause: let the other VMs in.
-                burst = 0
+                burst = burst_bytes = 0
                 await asyncio.sleep(0)
             try:
                 raw = await self._readline()
@@ -160,9 +174,10 @@ class QmpLink(QMPClient):
             if "event" not in obj:
                 return Message(obj, eager=False)
             burst += 1
+            burst_bytes += len(raw)
             sink = self.sink
             if sink is None:
-                self._hold(obj, received)
+                self._hold(obj, received, len(raw))
                 continue
             if pace is not None and (gate := pace()) is not None:
                 await gate.wait()  # overloaded: this event waits, and what follows it in the socket
