@@ -16,11 +16,14 @@ import contextlib
 import grp
 import logging
 import os
+import resource
 import shutil
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -277,44 +280,34 @@ def test_a_dialled_vm_survives_a_peer_that_claims_its_name(tmp_path: Path, sockd
     })  # fmt: skip
     cfg = {"rules": [str(rules)], "listen": listen, "qmp": [victim]}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    script = (
-        "import asyncio, sys\n"
-        "from tests.fakeqmp import FakeQmp\n"
-        "async def main():\n"
-        "    async with FakeQmp(sys.argv[1]) as q:\n"
-        "        peer = await q.wait_accepted(1, timeout=60)\n"
-        "        await asyncio.sleep(1)\n"
-        "        await peer.send_event('STOP')\n"
-        "        for _ in range(600):\n"
-        "            if 'cont' in peer.commands:\n"
-        "                print('cont', flush=True); return\n"
-        "            await asyncio.sleep(0.1)\n"
-        "asyncio.run(main())\n"
-    )
-    qemu = subprocess.Popen([sys.executable, "-c", script, victim], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    qemu = quiet_vm(victim, 1, 1.0)
     try:
-        async_wait_for_socket(victim)
+        wait_for_socket(victim)
         with Sidecar(tmp_path, cfg, env=env) as sidecar:
             sidecar.start().wait_log("victim: connected")
             subprocess.run([sys.executable, "-m", "tests.support.qmpclient", listen, "victim",
                             "STOP", "--leave"], cwd=ROOT, env=env, timeout=60, check=True,
                            capture_output=True)  # fmt: skip
             sidecar.wait_log("refused .*: VM name 'victim' belongs to ")
-            out, _ = qemu.communicate(timeout=90)  # the dialled VM's STOP gets its cont
+            out, _ = qemu.communicate(timeout=120)  # the dialled VM's STOP gets its cont
             samples = sidecar.scrape()
             assert sidecar.stop() == 0
     finally:
         qemu.kill()
         qemu.wait()
-    assert out.split() == ["cont"]
+    assert len(out.split()) == 1 and "lost" not in out
     assert samples.value("qmp_reactor_actions_total", action="qmp", outcome="ok") == 1
     assert samples.value("qmp_reactor_dead_letters") == 0
 
 
-def async_wait_for_socket(path: str, timeout: float = 30.0) -> None:
-    import time
+def quiet_vm(path: str, count: int, interval: float) -> subprocess.Popen[str]:
+    """tests/support/quietvm.py serving ``path``: ``count`` STOPs each waiting for a cont."""
+    argv = [sys.executable, "-m", "tests.support.quietvm", path, str(count), str(interval)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
 
+
+def wait_for_socket(path: str, timeout: float = 30.0) -> None:
     end = time.monotonic() + timeout
     while not os.path.exists(path):
         assert time.monotonic() < end, f"{path} never appeared"
@@ -393,3 +386,73 @@ def test_a_peer_that_withholds_its_reply_while_streaming_cannot_grow_us(
     assert sent > events * BIG
     assert peak < 48 * 1024 * 1024, f"peak {peak / 2**20:.0f} MiB"
     assert "events dropped while connecting" in caplog.text
+
+
+@contextlib.contextmanager
+def descriptors(wanted: int) -> Iterator[int]:
+    """Raise RLIMIT_NOFILE's soft limit up to the hard one; how many we may hold (<= wanted)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = hard if hard != resource.RLIM_INFINITY else max(soft, wanted + 1000)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        yield min(wanted, limit - 1000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors process ``pid`` has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_ten_thousand_idle_connections_cost_a_bounded_number_of_descriptors(
+    tmp_path: Path, sockdir: Path
+) -> None:
+    listen, quiet = str(sockdir / "reactor.sock"), str(sockdir / "quiet.qmp")
+    rules = write_rules(tmp_path / "rules.yaml", {
+        "name": "stop-cont", "on": "STOP",
+        "actions": [{"type": "qmp", "with": {"command": "cont"}}]})  # fmt: skip
+    cfg = {"rules": [str(rules)], "listen": listen, "qmp": [quiet]}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    held: list[socket.socket] = []
+    with descriptors(10_000) as wanted:
+        vm = quiet_vm(quiet, 20, 0.5)
+        try:
+            wait_for_socket(quiet)
+            with Sidecar(tmp_path, cfg, env=env) as sidecar:
+                sidecar.start().wait_log("quiet: connected")
+                assert sidecar.proc is not None
+                most, health, tried = 0, set(), 0
+                while vm.poll() is None:  # the quiet VM's STOPs go on meanwhile
+                    if len(held) < wanted:
+                        tried += wanted - len(held)
+                        held += idle_connections(listen, wanted - len(held))
+                    most = max(most, open_fds(sidecar.proc.pid))
+                    health.add(sidecar.healthz()[0])
+                    time.sleep(0.2)
+                assert sidecar.stop() == 0
+                log = sidecar.log_text()
+            out, _ = vm.communicate(timeout=60)
+        finally:
+            vm.kill()
+            vm.wait()
+            for sock in held:
+                sock.close()
+    assert tried >= wanted and len(held) > 64  # refused by the kernel's backlog, not by us
+    assert most < 64 + 150, f"the sidecar held {most} descriptors"
+    assert health == {200}
+    assert len(out.split()) == 20 and "lost" not in out  # every STOP got its cont
+    assert "not accepting until one ends" in log
+
+
+def idle_connections(path: str, count: int) -> list[socket.socket]:
+    """``count`` tries to connect to ``path``: those that got in (and never greet)."""
+    made = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        if sock.connect_ex(path) == 0:
+            made.append(sock)
+        else:  # EAGAIN: the listener's backlog is full
+            sock.close()
+    return made

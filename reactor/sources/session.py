@@ -132,10 +132,16 @@ class QmpLink(QMPClient):
         return await self.shut()
 
     async def shut(self, timeout: float = 2.0) -> str:
-        """Disconnect (bounded by ``timeout``) and return the reason the session ended."""
+        """Disconnect (bounded by ``timeout``) and return the reason the session ended.
+
+        The library's disconnect runs shielded: cancelled halfway (the sidecar
+        stopping as the peer hangs up) it would leave an error nobody retrieves.
+        """
+        closing = asyncio.ensure_future(self.disconnect())
+        closing.add_done_callback(_retrieve)
         try:
             async with asyncio.timeout(timeout):
-                await self.disconnect()
+                await asyncio.shield(closing)
         except TimeoutError:
             return "timed out closing the connection"
         except Exception as err:
@@ -194,6 +200,11 @@ class QmpLink(QMPClient):
         if self.logger.isEnabledFor(logging.DEBUG):
             self.logger.debug("--> %s", msg)
         return msg
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # reported by ``shut`` when it waited; else of no interest
 
 
 async def discard(link: QmpLink) -> None:
