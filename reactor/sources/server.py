@@ -41,6 +41,9 @@ ACCEPT_ERROR_PAUSE = 0.5
 
 BACKLOG = 128
 
+FULL_WARN_EVERY = 60.0
+"""Seconds between warnings that a listener's cap is reached (an attack must not flood the log)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ListenPolicy:
@@ -242,7 +245,7 @@ class _Gate:
         self.policy = policy
         self.handshakes = asyncio.Semaphore(policy.max_handshakes)
         self.sessions = asyncio.Semaphore(policy.max_sessions)
-        self._full_logged = False
+        self._full_warned = float("-inf")
         self._warned = float("-inf")
 
     async def accept(self, listener: socket.socket) -> socket.socket:
@@ -257,13 +260,16 @@ class _Gate:
                 log.warning("accept on %s failed: %s", self.address, describe(err))
                 await asyncio.sleep(ACCEPT_ERROR_PAUSE)
                 continue
-            self._full_logged = False
             return conn
 
     async def _slot(self, sem: asyncio.Semaphore, what: str, cap: int) -> None:
-        if sem.locked() and not self._full_logged:
-            self._full_logged = True
-            log.warning("%s: %d %s at once: not accepting until one ends", self.address, cap, what)
+        if sem.locked():
+            now = time.monotonic()
+            level = logging.WARNING if now - self._full_warned >= FULL_WARN_EVERY else logging.DEBUG
+            if level == logging.WARNING:
+                self._full_warned = now
+            log.log(level, "%s: %d %s at once: not accepting until one ends", self.address, cap,
+                    what)  # fmt: skip
         await sem.acquire()
 
     def handshake_failed(self, peer: PeerInfo, err: BaseException) -> None:

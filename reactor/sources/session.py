@@ -60,11 +60,13 @@ HOLD_BYTES = 8 * 1024 * 1024
 """Bytes of events (as read) kept while a session is being announced; older ones are
 dropped past this, so a peer that withholds its replies while it streams cannot grow us."""
 
-# qemu.qmp logs every failed attempt and every ended session at ERROR; our own
-# logger says the same once per state change, so the library's copy stays quiet
-# unless an operator turns it up to trace the wire.
+# qemu.qmp logs every failed attempt and every ended session at ERROR, and a
+# handshake cut short by our timeout while the peer hangs up at CRITICAL with a
+# traceback (any local user can cause that on a listener, as often as they like);
+# our own logger says what matters once per state change, so the library's copy
+# stays silent unless an operator turns it up to trace the wire.
 WIRE_LOG = logging.getLogger("reactor.qmp.wire")
-WIRE_LOG.setLevel(logging.CRITICAL)
+WIRE_LOG.setLevel(logging.CRITICAL + 1)
 
 
 def _loads(raw: bytes) -> Any:
