@@ -27,6 +27,7 @@ The table layout and the row conversion live in ``reactor.dispatch.schema``.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reactor.dispatch.invocation import ActionSpecData, Invocation, new_id
+from reactor.dispatch.invocation import PARK_BYTES, ActionSpecData, Invocation, new_id
 from reactor.dispatch.schema import (
     COLS,
     MARKS,
@@ -306,19 +307,38 @@ class Journal:
         )
         db.executemany("DELETE FROM invocations WHERE n=?", ((inv.row,) for inv in invs))
 
-    def _select(self, sql: str, args: Sequence[Any] = ()) -> list[Invocation]:
+    def _select(
+        self, sql: str, args: Sequence[Any] = (), park: int | None = None
+    ) -> list[Invocation]:
         with self._lock:
             try:
-                return [from_row(r) for r in self._db.execute(sql, args)]
+                return [from_row(r, park) for r in self._db.execute(sql, args)]
             except sqlite3.Error as err:
                 raise JournalError(f"journal {self.path}: {err}") from err
 
     def pending(self) -> list[Invocation]:
-        """Unfinished invocations (pending, running, requeued) in the order they were written."""
+        """Unfinished invocations (pending, running, requeued) in the order they were written.
+
+        Envelopes longer than ``PARK_BYTES`` stay in the file (``parked``): ``envelope`` reads
+        each back when its invocation runs.
+        """
         marks = ", ".join("?" * len(UNFINISHED))
         return self._select(
-            f"SELECT * FROM invocations WHERE status IN ({marks}) ORDER BY n", UNFINISHED
+            f"SELECT * FROM invocations WHERE status IN ({marks}) ORDER BY n",
+            UNFINISHED,
+            park=PARK_BYTES,
         )
+
+    def envelope(self, row: int) -> dict[str, Any] | None:
+        """The envelope of unfinished row ``row`` (None if the row is gone)."""
+        with self._lock:
+            try:
+                found = self._db.execute(
+                    "SELECT envelope FROM invocations WHERE n = ?", (row,)
+                ).fetchone()
+            except sqlite3.Error as err:
+                raise JournalError(f"journal {self.path}: {err}") from err
+        return None if found is None else dict(json.loads(found[0]))
 
     def claim_requeued(self) -> list[Invocation]:
         """Take the rows ``dlq retry`` sent back: they become ``pending`` and are returned."""

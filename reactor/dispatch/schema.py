@@ -137,9 +137,10 @@ def done_runs(invs: list[Invocation]) -> Iterator[tuple[float, float, int, int]]
             start = i + 1
 
 
-def from_row(row: sqlite3.Row) -> Invocation:
-    """The invocation a row of either table holds."""
+def from_row(row: sqlite3.Row, park: int | None = None) -> Invocation:
+    """The invocation a row of either table holds; an envelope longer than ``park`` stays out."""
     keys = row.keys()
+    parked = park is not None and len(row["envelope"]) > park
     spec = ActionSpecData(
         type=row["action_type"],
         params=json.loads(row["params"]),
@@ -149,7 +150,8 @@ def from_row(row: sqlite3.Row) -> Invocation:
     return Invocation(
         id=row["id"], firing_id=row["firing_id"], rule=row["rule"],
         action_index=row["action_index"], spec=spec, mode=row["mode"], vm=row["vm"],
-        event=row["event"], seq=row["seq"], envelope=json.loads(row["envelope"]),
+        event=row["event"], seq=row["seq"],
+        envelope={} if parked else json.loads(row["envelope"]), parked=parked,
         context=json.loads(row["context"]), created_at=row["created_at"],
         attempts=row["attempts"], status=row["status"], last_error=row["last_error"],
         updated_at=row["updated_at"], finished_at=row["finished_at"],
