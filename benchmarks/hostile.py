@@ -71,7 +71,7 @@ class Attack:
                     self.started.set()
                 else:  # the backlog is full
                     sock.close()
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
 
 
 def _open(sock: socket.socket) -> bool:

@@ -60,6 +60,11 @@ HOLD_BYTES = 8 * 1024 * 1024
 """Bytes of events (as read) kept while a session is being announced; older ones are
 dropped past this, so a peer that withholds its replies while it streams cannot grow us."""
 
+HOLD_RATE = 8 * 1024 * 1024
+"""Bytes per second a session not yet announced is read at once it has sent ``HOLD_BYTES``:
+QEMU never sends that much before answering, and parsing what a peer that does streams
+would take the CPU the other VMs' events need."""
+
 # qemu.qmp logs every failed attempt and every ended session at ERROR, and a
 # handshake cut short by our timeout while the peer hangs up at CRITICAL with a
 # traceback (any local user can cause that on a listener, as often as they like);
@@ -112,6 +117,7 @@ class QmpLink(QMPClient):
         self.held: deque[tuple[RawEvent, float, int]] = deque()
         self.held_bytes = 0
         self.hold_bytes = hold_bytes
+        self.unannounced_bytes = 0
         self.dropped = 0
 
     def release(self, sink: EventSink) -> None:
@@ -186,6 +192,9 @@ class QmpLink(QMPClient):
             sink = self.sink
             if sink is None:
                 self._hold(obj, received, len(raw))
+                self.unannounced_bytes += len(raw)
+                if self.unannounced_bytes > self.hold_bytes:
+                    await asyncio.sleep(len(raw) / HOLD_RATE)  # and the socket waits meanwhile
                 continue
             if pace is not None and (gate := pace()) is not None:
                 await gate.wait()  # overloaded: this event waits, and what follows it in the socket
