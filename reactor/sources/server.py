@@ -3,8 +3,9 @@
 Each QEMU is started with a client chardev pointing at our socket
 (``-chardev socket,id=r,path=SOCK,reconnect=5 -mon chardev=r,mode=control``).
 We accept every connection, speak QMP as the *client* on it (QEMU still greets
-and we negotiate), and hand the ready link to ``on_link`` together with a label
-for the peer (``pid-1234`` for a unix socket, ``host:port`` for TCP). Every
+and we negotiate), and hand the ready link to ``on_link`` together with what we
+know of the peer (``PeerInfo``: a label, ``pid-1234`` for a unix socket or
+``host:port`` for TCP, its identity and credentials). Every
 accepted connection runs in its own task; one failing never touches the others.
 
 Nobody who connects is trusted. A unix socket is created 0600 (0660 with a
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,7 +213,7 @@ async def serve(
     gate = _Gate(address, policy)
     try:
         async with asyncio.TaskGroup() as group:
-            for serial in _serials():
+            for serial in itertools.count(1):
                 conn = await gate.accept(listener)
                 peer = peer_info(conn, serial)
                 if not policy.admits(peer):
@@ -230,11 +232,20 @@ async def serve(
                 os.unlink(parsed)
 
 
-def _serials() -> Iterator[int]:
-    serial = 0
-    while True:
-        serial += 1
-        yield serial
+class _Every:
+    """A warning at most once per ``seconds``; the repeats in between go to debug."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.last = float("-inf")
+
+    def level(self) -> int:
+        """The level to log at now."""
+        now = time.monotonic()
+        if now - self.last < self.seconds:
+            return logging.DEBUG
+        self.last = now
+        return logging.WARNING
 
 
 class _Gate:
@@ -245,8 +256,8 @@ class _Gate:
         self.policy = policy
         self.handshakes = asyncio.Semaphore(policy.max_handshakes)
         self.sessions = asyncio.Semaphore(policy.max_sessions)
-        self._full_warned = float("-inf")
-        self._warned = float("-inf")
+        self._full = _Every(FULL_WARN_EVERY)
+        self._failed = _Every(1.0)
 
     async def accept(self, listener: socket.socket) -> socket.socket:
         """The next connection, once both a handshake and a session slot are held."""
@@ -264,21 +275,14 @@ class _Gate:
 
     async def _slot(self, sem: asyncio.Semaphore, what: str, cap: int) -> None:
         if sem.locked():
-            now = time.monotonic()
-            level = logging.WARNING if now - self._full_warned >= FULL_WARN_EVERY else logging.DEBUG
-            if level == logging.WARNING:
-                self._full_warned = now
-            log.log(level, "%s: %d %s at once: not accepting until one ends", self.address, cap,
-                    what)  # fmt: skip
+            log.log(self._full.level(), "%s: %d %s at once: not accepting until one ends",
+                    self.address, cap, what)  # fmt: skip
         await sem.acquire()
 
     def handshake_failed(self, peer: PeerInfo, err: BaseException) -> None:
         """Log a failed handshake: a warning at most once a second, the rest at debug."""
-        now = time.monotonic()
-        level = logging.WARNING if now - self._warned >= 1.0 else logging.DEBUG
-        if level == logging.WARNING:
-            self._warned = now
-        log.log(level, "QMP handshake with %s failed: %s", peer.label, describe(err))
+        log.log(self._failed.level(), "QMP handshake with %s failed: %s", peer.label,
+                describe(err))  # fmt: skip
 
     def release(self, *, handshake: bool = False, session: bool = True) -> None:
         """Give back the slots a connection held."""
@@ -301,18 +305,15 @@ async def _accepted(
         try:
             async with asyncio.timeout(greeting_timeout):
                 await link.connect(conn)
+        except (QMPError, OSError, TimeoutError) as err:
+            gate.handshake_failed(peer, err)
+            return
         finally:
             gate.release(handshake=True, session=False)
-    except (QMPError, OSError, TimeoutError) as err:
-        gate.handshake_failed(peer, err)
-        await discard(link)
-        conn.close()
-        gate.release()
-        return
-    try:
-        await on_link(link, peer)
-    except Exception:
-        log.exception("session with %s failed", peer.label)
+        try:
+            await on_link(link, peer)
+        except Exception:
+            log.exception("session with %s failed", peer.label)
     finally:
         await discard(link)
         conn.close()
