@@ -138,6 +138,29 @@ def test_a_second_qemu_claiming_a_live_peers_name_is_refused(sockdir: Path) -> N
     asyncio.run(scenario())
 
 
+def test_a_name_with_control_characters_or_too_long_is_refused(
+    sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    listen = str(sockdir / "reactor.sock")
+
+    async def scenario() -> None:
+        rec = Recorder()
+        async with listening(rec, listen) as mgr:
+            with caplog.at_level(logging.WARNING):
+                for name in ("web\n2026-01-01 INFO forged line", "\x1b[2Jweb", "w" * 257):
+                    task, _ = await _fake_qemu_client(listen, name)
+                    await asyncio.wait_for(task, 10)  # hung up on after query-name
+            assert caplog.text.count("cannot name a VM") == 3
+            assert "forged" not in caplog.text and rec.envelopes == []
+            fine, _ = await _fake_qemu_client(listen, "wéb-1 (prod)")
+            await rec.wait("wéb-1 (prod)", "REACTOR_CONNECTED")
+            assert mgr.get("wéb-1 (prod)") is not None
+            fine.cancel()
+            await asyncio.wait([fine])
+
+    asyncio.run(scenario())
+
+
 def test_actions_reach_only_the_source_that_raised_their_event(sockdir: Path) -> None:
     listen, dialled_path = str(sockdir / "reactor.sock"), str(sockdir / "web.qmp")
 
@@ -466,3 +489,26 @@ def idle_connections(path: str, count: int) -> list[socket.socket]:
         else:  # EAGAIN: the listener's backlog is full
             sock.close()
     return made
+
+
+def test_past_max_sessions_the_next_qemu_waits_until_one_leaves(sockdir: Path) -> None:
+    listen = str(sockdir / "reactor.sock")
+
+    async def scenario() -> None:
+        rec = Recorder()
+        async with listening(rec, listen, ListenPolicy(max_sessions=2)):
+            first, _ = await _fake_qemu_client(listen, "a")
+            second, _ = await _fake_qemu_client(listen, "b")
+            await rec.wait("a", "REACTOR_CONNECTED")
+            await rec.wait("b", "REACTOR_CONNECTED")
+            third, peer = await _fake_qemu_client(listen, "c")
+            await asyncio.sleep(0.5)  # in the backlog: not accepted, not greeted to
+            assert peer.commands == [] and rec.of("c") == []
+            first.cancel()
+            await asyncio.wait([first])
+            await rec.wait("c", "REACTOR_CONNECTED", timeout=10)  # a slot came free
+            for task in (second, third):
+                task.cancel()
+            await asyncio.wait([second, third])
+
+    asyncio.run(scenario())

@@ -33,7 +33,12 @@ from typing import Any
 from qemu.qmp import QMPError
 
 from reactor.sources import server as listen_mode
-from reactor.sources.discovery import default_vm_name, parse_address, scan_globs
+from reactor.sources.discovery import (
+    default_vm_name,
+    parse_address,
+    scan_globs,
+    usable_vm_name,
+)
 from reactor.sources.server import ListenPolicy, PeerInfo
 from reactor.sources.session import MAX_MESSAGE, QmpLink
 from reactor.sources.vm import OnEnvelope, OnState, SessionFailed, VmConnection
@@ -177,7 +182,12 @@ class ConnectionManager:
         )
 
     async def _adopt(self, link: QmpLink, peer: PeerInfo, listen_address: str) -> None:
-        name = await self._query_name(link) or peer.label
+        name = await self._query_name(link)
+        if name is not None and not usable_vm_name(name):
+            log.warning("%s: refused %s: query-name gave %d characters that cannot name a VM",
+                        listen_address, peer.label, len(name))  # fmt: skip
+            return
+        name = name or peer.label
         source = f"{listen_address}#{name}@{peer.identity}"
         holder = self._by_name.get(name)
         if holder is not None and holder.address != source:
