@@ -156,7 +156,7 @@ def run(
         d = Dispatcher(
             action_types=lab.types(), settings=ActionSettings(), journal=journal,
             on_outcome=outcomes.append, sleep=no_sleep, redact=lambda s: s.replace("s3cret", "***"),
-            emit=lambda vm, name, data: emitted.append((vm, name, data)), **kw,
+            emit=lambda vm, name, data, source: emitted.append((vm, name, data)), **kw,
         )  # fmt: skip
         rig = Rig(lab, d, journal, outcomes, delays, emitted)
         await d.start()

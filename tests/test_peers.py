@@ -265,12 +265,20 @@ def test_listener_settings_are_checked_where_they_are_written(tmp_path: Path) ->
 def test_a_restart_raised_by_an_impostor_never_reaches_the_real_vm(
     tmp_path: Path, sockdir: Path
 ) -> None:
-    """The issue's attack: claim "victim", panic, leave; the retried restart must not follow."""
+    """The issue's attack: claim "victim", panic, leave; the retried restart must not follow.
+
+    Nor may the REACTOR_ACTION_FAILED its failure raises: it belongs to the impostor's
+    connection too, so the rule it fires finds no VM either.
+    """
     listen = str(sockdir / "reactor.sock")
+    fast = {"attempts": 6, "initial": "0.3s", "max": "0.5s", "jitter": 0}
     rules = write_rules(tmp_path / "rules.yaml", {
         "name": "panic-restart", "on": "GUEST_PANICKED",
         "actions": [{"type": "restart_vm", "with": {"method": "reset", "timeout": "1s"},
-                     "retry": {"attempts": 6, "initial": "0.3s", "max": "0.5s", "jitter": 0}}],
+                     "retry": fast}],
+    }, {
+        "name": "failed-cont", "on": "REACTOR_ACTION_FAILED",
+        "actions": [{"type": "qmp", "with": {"command": "cont"}, "retry": fast}],
     })  # fmt: skip
     base = [sys.executable, "-m", "tests.support.qmpclient", listen, "victim"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -284,8 +292,8 @@ def test_a_restart_raised_by_an_impostor_never_reaches_the_real_vm(
             assert real.stdout is not None
             seen = [real.stdout.readline().strip() for _ in range(3)]  # announced
             assert seen == ["query-name", "query-version", "query-status"]
-            sidecar.wait_metric(lambda s: s.value("qmp_reactor_dead_letters") == 1,
-                                what="the impostor's restart dead-lettered",
+            sidecar.wait_metric(lambda s: s.value("qmp_reactor_dead_letters") == 2,
+                                what="the impostor's restart and cont dead-lettered",
                                 timeout=60)  # fmt: skip
         finally:
             real.terminate()

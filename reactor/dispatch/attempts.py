@@ -52,7 +52,9 @@ from reactor.plugins.hookspecs import ActionOutcome, OutcomeStatus
 log = logging.getLogger(__name__)
 
 Render = Callable[[Invocation, ActionType], Awaitable[BaseModel] | BaseModel]
-Emit = Callable[[str, str, dict[str, Any]], None]
+Emit = Callable[[str, str, dict[str, Any], str | None], None]
+"""``emit(vm, event, data, source)``: raise a synthetic event for the VM; ``source`` is that of
+the envelope that fired the invocation, so the event belongs to that connection."""
 Sleep = Callable[[float], Awaitable[None]]
 ACTION_FAILED = "REACTOR_ACTION_FAILED"
 CANCELLED: OutcomeStatus = "cancelled"
@@ -204,7 +206,7 @@ class Runner:
         deadline.end(cancelled=False)
 
     def _context(self, inv: Invocation) -> ActionContext:
-        emit = self.emit
+        emit, source = self.emit, inv.envelope.get("source")
         return ActionContext(
             invocation_id=inv.id,
             idempotency_key=inv.idempotency_key,
@@ -214,8 +216,8 @@ class Runner:
             context=inv.context,
             attempt=inv.attempts,
             settings=self.settings,
-            vm=self.vm_lookup(inv.vm, inv.envelope.get("source")) if inv.vm else None,
-            emit=None if emit is None else (lambda name, data: emit(inv.vm, name, data)),
+            vm=self.vm_lookup(inv.vm, source) if inv.vm else None,
+            emit=None if emit is None else (lambda name, data: emit(inv.vm, name, data, source)),
         )
 
     async def _unpark(self, inv: Invocation) -> None:
@@ -286,7 +288,7 @@ class Runner:
         if self.emit is not None and inv.event != ACTION_FAILED:
             data = {"rule": inv.rule, "action": inv.spec.type, "error": inv.last_error,
                     "attempts": inv.attempts}  # fmt: skip
-            self._safely(self.emit, inv.vm, ACTION_FAILED, data)
+            self._safely(self.emit, inv.vm, ACTION_FAILED, data, inv.envelope.get("source"))
 
     def report(self, inv: Invocation, status: OutcomeStatus, duration: float = 0.0) -> None:
         """Tell the observer what became of ``inv``; an observer's bug is logged, not raised.

@@ -140,12 +140,14 @@ class Daemon:
         assert self.reactor is not None
         self.reactor.feed(env)
 
-    def _emit(self, vm: str, event: str, data: dict[str, Any]) -> None:
-        conn = self.conns.get(vm) if self.conns is not None else None
+    def _emit(self, vm: str, event: str, data: dict[str, Any], source: str | None = None) -> None:
+        # On the connection the invocation's event came from; if it is gone, the event keeps
+        # that source, so no action it fires reaches a later connection with the same name.
+        conn = self.conns.lookup(vm, source) if self.conns is not None else None
         if conn is not None:
             conn.emit(event, data)
         elif self.reactor is not None:
-            self.reactor.emit_local(vm, event, data)
+            self.reactor.emit_local(vm, event, data, source)
 
     def _on_outcome(self, outcome: ActionOutcome) -> None:
         level = logging.WARNING if outcome.status in ("failed", "dead") else logging.DEBUG

@@ -143,8 +143,11 @@ def refrozen() -> Iterator[None]:
         gc.freeze()
 
 
-def synthetic_envelope(vm: str, event: str, data: dict[str, Any], seq: int) -> Envelope:
-    """An envelope for an event the engine raises itself (no QMP connection involved)."""
+def synthetic_envelope(
+    vm: str, event: str, data: dict[str, Any], seq: int, source: str | None = None
+) -> Envelope:
+    """An event the sidecar raises itself, without a connection: ``source`` is the one
+    whose action raised it (its actions then go there, or nowhere), else ``reactor``."""
     now = time.time()
     return {
         "event": event,
@@ -152,7 +155,7 @@ def synthetic_envelope(vm: str, event: str, data: dict[str, Any], seq: int) -> E
         "timestamp": qemu_timestamp(now),
         "vm": vm,
         "host": hostname(),
-        "source": "reactor",
+        "source": source or "reactor",
         "seq": seq,
         "received_at": now,
     }
@@ -173,7 +176,7 @@ class Reactor:
         observe: Callable[[Envelope], None] | None = None,
         on_outcome: Callable[[ActionOutcome], None] | None = None,
         vm_lookup: Callable[[str, str | None], VmControl | None] = lambda vm, source: None,
-        emit: Callable[[str, str, dict[str, Any]], None] | None = None,
+        emit: Callable[[str, str, dict[str, Any], str | None], None] | None = None,
         sleep: Any = None,
     ) -> None:
         self.config = config
@@ -210,10 +213,12 @@ class Reactor:
         """None while there is room; else an Event that readers of events wait for first."""
         return self.dispatcher.backpressure()
 
-    def emit_local(self, vm: str, event: str, data: dict[str, Any]) -> None:
-        """Raise a synthetic event for ``vm`` without a connection (replay, tests)."""
+    def emit_local(
+        self, vm: str, event: str, data: dict[str, Any], source: str | None = None
+    ) -> None:
+        """Raise a synthetic event for ``vm`` without a connection (replay, a source gone)."""
         self._seq += 1
-        self.feed(synthetic_envelope(vm, event, data, self._seq))
+        self.feed(synthetic_envelope(vm, event, data, self._seq, source))
 
     def swap_rules(self, rules: RuleSet) -> None:
         """Use a new, fully validated rule set."""
