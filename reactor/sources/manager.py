@@ -16,8 +16,8 @@ refused and hung up on; only the same QEMU process (same pid and start time)
 may replace its own session.
 
 Layers: ``discovery`` (addresses, globs) -> ``session`` (one QMP session on
-qemu.qmp) -> ``vmconnection`` (envelopes, reconnects) -> ``listen`` (server
-mode) -> this module.
+qemu.qmp) -> ``vm`` (envelopes, reconnects) -> ``server`` (server mode) ->
+this module.
 """
 
 from __future__ import annotations

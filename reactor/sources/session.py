@@ -6,8 +6,8 @@ and queues grow without bound unless drained, which a sidecar running for
 months cannot afford. Here an event never becomes a library ``Message``: the
 reader parses the line, stamps the time it was read, and calls ``sink`` right
 away (or holds it, bounded by count and by bytes, until the session is
-announced). Command
-replies still take the library's normal route, so ``execute`` works unchanged.
+announced). Command replies still take the library's normal route, so
+``execute`` works unchanged.
 
 The read buffer is bounded by ``max_message``: a longer line ends the session
 (``ValueError`` from the stream reader) instead of being buffered.
