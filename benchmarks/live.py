@@ -213,7 +213,7 @@ class Rig:
             action_types=types,
             clock=AsyncioClock(),
             state_dir=self.tmp / "state" if self.journal else None,
-            vm_lookup=self.conns.get,
+            vm_lookup=self.conns.lookup,
         )
         await self.reactor.start()
         self.conns.pace = self.reactor.backpressure  # as the daemon: overload slows readers

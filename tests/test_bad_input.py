@@ -87,6 +87,8 @@ actions:
   restart: {limit: 3, window: 10m}
   notify: {urls: ["json://127.0.0.1:9/"]}
 metrics: {listen: "127.0.0.1:9105"}
+listen: /run/qmp-reactor/qemu.sock
+listener: {group: 0, allow_users: [root, 0], allow_groups: [0], max_handshakes: 8, max_sessions: 16}
 """
 
 
@@ -133,7 +135,8 @@ KEYS = st.sampled_from(
     ["rules", "name", "on", "when", "actions", "type", "with", "retry", "timeout", "threshold",
      "throttle", "mode", "count", "window", "key", "path", "equals", "all", "any", "not",
      "exists", "matches", "in", "url", "message", "attempts", "description", "metrics", "listen",
-     "qmp", "vms", "address", "state_dir", "exec", "enabled", "allow", "limits", "notify"]
+     "qmp", "vms", "address", "state_dir", "exec", "enabled", "allow", "limits", "notify",
+     "listener", "group", "allow_users", "allow_groups", "max_handshakes"]
 ) | st.text(max_size=8)  # fmt: skip
 TREES = st.recursive(
     SCALARS,

@@ -505,7 +505,8 @@ def test_listen_mode_names_vms_by_query_name_or_peer(sockdir: Path) -> None:
             await rec.wait(anon_name, "REACTOR_CONNECTED")
             await alpha.send_event("STOP")
             stop = await rec.wait("alpha", "STOP")
-            assert stop["source"] == f"{listen}#alpha"
+            start = listen_mode.process_start(os.getpid())
+            assert stop["source"] == f"{listen}#alpha@pid-{os.getpid()}.{start}"
             vm = mgr.get("alpha")
             assert vm is not None and await vm.execute("query-name") == {"name": "alpha"}
             alpha_task.cancel()

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import pytest
 
 from reactor.demo.machine import ThrowawayQemu
+from reactor.sources import server as listen_mode
 from reactor.sources.manager import ConnectionManager, VmConnection
 from tests.test_connections import ENVELOPE_KEYS, Recorder
 
@@ -207,6 +208,7 @@ def test_listen_mode_with_qemu_connecting_to_us(sockdir: Path) -> None:
             server = asyncio.create_task(mgr.listen(listen))
             async with qemu(*chardev, name="lsn-vm", extra_qmp=[]) as q:
                 hello = await rec.wait("lsn-vm", "REACTOR_CONNECTED", timeout=10)
+                first = f"{listen}#lsn-vm@pid-{q.pid}.{listen_mode.process_start(q.pid or 0)}"
                 await blocking(q.qmp.execute, "stop")
                 stop = await rec.wait("lsn-vm", "STOP", timeout=10)
                 vm = mgr.get("lsn-vm")
@@ -215,11 +217,13 @@ def test_listen_mode_with_qemu_connecting_to_us(sockdir: Path) -> None:
                 gone = await rec.wait("lsn-vm", "REACTOR_DISCONNECTED", timeout=10)
                 await blocking(q.wait)
                 await blocking(q.start)
-                await rec.wait("lsn-vm", "REACTOR_CONNECTED", 2, timeout=10)
+                again = await rec.wait("lsn-vm", "REACTOR_CONNECTED", 2, timeout=10)
+                assert mgr.lookup("lsn-vm", first) is None  # another QEMU process: another source
+                assert mgr.lookup("lsn-vm", again["source"]) is mgr.get("lsn-vm")
             server.cancel()
             await asyncio.wait([server])
         assert hello["data"]["status"] == "running"
-        assert stop["source"] == f"{listen}#lsn-vm"
+        assert stop["source"] == first and again["source"] != first
         assert gone["data"]["shutdown_seen"] is False
 
     asyncio.run(scenario())

@@ -156,7 +156,7 @@ def run(
         d = Dispatcher(
             action_types=lab.types(), settings=ActionSettings(), journal=journal,
             on_outcome=outcomes.append, sleep=no_sleep, redact=lambda s: s.replace("s3cret", "***"),
-            emit=lambda vm, name, data: emitted.append((vm, name, data)), **kw,
+            emit=lambda vm, name, data, source: emitted.append((vm, name, data)), **kw,
         )  # fmt: skip
         rig = Rig(lab, d, journal, outcomes, delays, emitted)
         await d.start()
@@ -505,7 +505,7 @@ def test_observer_bugs_do_not_stop_actions(tmp_path: Path) -> None:
 def test_actions_get_their_vm_and_can_raise_events(tmp_path: Path) -> None:
     vms = {"web1": "the web1 connection"}
     rig = run(tmp_path, submit_all(firing(rule("r", ("emitter", {})), vm="web1")),
-              vm_lookup=vms.get)  # fmt: skip
+              vm_lookup=lambda vm, source: vms.get(vm))  # fmt: skip
     assert rig.emitted == [
         ("web1", "REACTOR_RESTART_SUPPRESSED", {"rule": "r", "vm": "the web1 connection"})
     ]

@@ -47,8 +47,8 @@ class Rig:
             clock=AsyncioClock(),
             state_dir=None,
             on_outcome=self.outcomes.append,
-            vm_lookup=lambda vm: self.vm,
-            emit=lambda vm, event, data: self.emitted.append(event),
+            vm_lookup=lambda vm, source=None: self.vm,
+            emit=lambda vm, event, data, source=None: self.emitted.append(event),
         )
 
     async def panics(self, count: int) -> None:

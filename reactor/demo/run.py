@@ -119,7 +119,7 @@ async def _run(q: ThrowawayQemu, gen: Generation, state: Path, n: Narrator) -> N
         state_dir=state,
         observe=n.event,
         on_outcome=n.outcome,
-        vm_lookup=conns.get,
+        vm_lookup=conns.lookup,
     )
     await reactor.start()
     conns.add(str(q.qmp_socket(VM)), VM)

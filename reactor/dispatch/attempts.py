@@ -19,9 +19,11 @@ followed by ``dead`` once a journaled invocation is in the dead letters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any
@@ -39,7 +41,9 @@ from tenacity.wait import wait_base
 
 from reactor.dispatch.deadlines import Deadlines
 from reactor.dispatch.groupcommit import Outbox
-from reactor.dispatch.journal import Invocation
+from reactor.dispatch.invocation import PARK_BYTES
+from reactor.dispatch.journal import Invocation, JournalError
+from reactor.dispatch.schema import dumps_data
 from reactor.errors import PermanentActionError, TransientActionError
 from reactor.model import RetryPolicy
 from reactor.plugins.api import ActionContext, ActionSettings, ActionType, VmControl
@@ -48,7 +52,9 @@ from reactor.plugins.hookspecs import ActionOutcome, OutcomeStatus
 log = logging.getLogger(__name__)
 
 Render = Callable[[Invocation, ActionType], Awaitable[BaseModel] | BaseModel]
-Emit = Callable[[str, str, dict[str, Any]], None]
+Emit = Callable[[str, str, dict[str, Any], str | None], None]
+"""``emit(vm, event, data, source)``: raise a synthetic event for the VM; ``source`` is that of
+the envelope that fired the invocation, so the event belongs to that connection."""
 Sleep = Callable[[float], Awaitable[None]]
 ACTION_FAILED = "REACTOR_ACTION_FAILED"
 CANCELLED: OutcomeStatus = "cancelled"
@@ -89,7 +95,7 @@ class Runner:
         settings: ActionSettings,
         render: Render,
         outbox: Outbox,
-        vm_lookup: Callable[[str], VmControl | None],
+        vm_lookup: Callable[[str, str | None], VmControl | None],
         emit: Emit | None,
         on_outcome: Callable[[ActionOutcome], None] | None,
         redact: Callable[[str], str],
@@ -189,6 +195,7 @@ class Runner:
             await per_type.acquire()
         try:
             async with self._global:
+                await self._unpark(inv)  # inside the slot: few big envelopes loaded at once
                 inv.attempts += 1
                 inv.status = "running"
                 self.outbox.update(inv)
@@ -220,7 +227,7 @@ class Runner:
         deadline.end(cancelled=False)
 
     def _context(self, inv: Invocation) -> ActionContext:
-        emit = self.emit
+        emit, source = self.emit, inv.envelope.get("source")
         return ActionContext(
             invocation_id=inv.id,
             idempotency_key=inv.idempotency_key,
@@ -230,13 +237,39 @@ class Runner:
             context=inv.context,
             attempt=inv.attempts,
             settings=self.settings,
-            vm=self.vm_lookup(inv.vm) if inv.vm else None,
-            emit=None if emit is None else (lambda name, data: emit(inv.vm, name, data)),
+            vm=self.vm_lookup(inv.vm, source) if inv.vm else None,
+            emit=None if emit is None else (lambda name, data: emit(inv.vm, name, data, source)),
             redact=self.redact,
         )
 
+    async def _unpark(self, inv: Invocation) -> None:
+        journal = self.outbox.journal
+        if inv.parked and journal is not None and inv.row is not None:
+            try:
+                envelope = await asyncio.to_thread(journal.envelope, inv.row)
+            except JournalError as err:
+                raise TransientActionError(f"cannot read the envelope back: {err}") from err
+            inv.envelope, inv.parked = envelope or {}, False
+
+    def _park(self, inv: Invocation, err: BaseException | None) -> None:
+        """Between attempts, leave a big envelope in the journal (it is written there).
+
+        The failed attempt's frames, kept by its error through the wait, would hold
+        its context and the envelope with it: their locals are cleared.
+        """
+        if self.outbox.journal is None or inv.row is None or inv.parked:
+            return
+        if len(dumps_data(inv.envelope)) > PARK_BYTES:
+            inv.envelope, inv.parked = {}, True
+            seen: set[int] = set()
+            while err is not None and id(err) not in seen:
+                seen.add(id(err))
+                traceback.clear_frames(err.__traceback__)
+                err = err.__cause__ or err.__context__
+
     def _will_retry(self, inv: Invocation, started: float, state: RetryCallState) -> None:
         err = state.outcome.exception() if state.outcome is not None else None
+        self._park(inv, err)
         inv.last_error = self.redact(str(err))
         inv.status = "pending"
         self.outbox.update(inv)
@@ -249,12 +282,21 @@ class Runner:
         """Mark ``inv`` finished (``done``, ``skipped``, ``cancelled``) in the journal."""
         inv.status = status
         inv.finished_at = time.time()
+        if self.outbox.journal is not None and inv.row is not None:
+            # Its row has the envelope, and only the status is left to write: the
+            # finished invocation may wait for the next group commit without it.
+            inv.envelope, inv.parked = {}, True
         self.outbox.update(inv)
 
     def give_up(self, inv: Invocation, error: str, duration: float) -> None:
         """Dead-letter ``inv`` (or drop it, ``failed``, without a journal) and say so."""
         inv.last_error = self.redact(error)
-        journaled = self.outbox.journal is not None
+        journal = self.outbox.journal
+        if inv.parked and journal is not None and inv.row is not None:
+            # The dead letter is written whole: read the envelope back first.
+            with contextlib.suppress(JournalError):  # then writing it fails too, and says so
+                inv.envelope, inv.parked = journal.envelope(inv.row) or {}, False
+        journaled = journal is not None
         if journaled:
             inv.status, inv.died_at = "dead", time.time()
             self.outbox.bury(inv)
@@ -268,7 +310,7 @@ class Runner:
         if self.emit is not None and inv.event != ACTION_FAILED:
             data = {"rule": inv.rule, "action": inv.spec.type, "error": inv.last_error,
                     "attempts": inv.attempts}  # fmt: skip
-            self._safely(self.emit, inv.vm, ACTION_FAILED, data)
+            self._safely(self.emit, inv.vm, ACTION_FAILED, data, inv.envelope.get("source"))
 
     def report(self, inv: Invocation, status: OutcomeStatus, duration: float = 0.0) -> None:
         """Tell the observer what became of ``inv``; an observer's bug is logged, not raised.

@@ -79,7 +79,7 @@ class Dispatcher:
         settings: ActionSettings,
         render: Render,
         journal: Journal | None,
-        vm_lookup: Callable[[str], VmControl | None] = lambda vm: None,
+        vm_lookup: Callable[[str, str | None], VmControl | None] = lambda vm, source: None,
         emit: Emit | None = None,
         on_outcome: Callable[[ActionOutcome], None] | None = None,
         redact: Callable[[str], str] = lambda s: s,

@@ -14,6 +14,11 @@ from typing import Any
 
 from reactor.model import RetryPolicy
 
+PARK_BYTES = 64 * 1024
+"""An unfinished invocation whose envelope is longer than this (as JSON) keeps it only in the
+journal while it waits (resumed, or between attempts), and reads it back when an attempt
+starts: waiting work costs memory by its count, not by what a guest put in its events."""
+
 
 @dataclass(frozen=True, slots=True)
 class ActionSpecData:
@@ -49,6 +54,9 @@ class Invocation:
     died_at: float | None = field(default=None, compare=False)
     row: int | None = field(default=None, compare=False)
     """The row number in ``invocations``, once written."""
+    parked: bool = field(default=False, compare=False)
+    """True while ``envelope`` is an empty stand-in and the real one waits in the journal
+    (a big envelope between attempts, or read back on resume); see ``PARK_BYTES``."""
 
     @property
     def idempotency_key(self) -> str:

@@ -27,6 +27,7 @@ The table layout and the row conversion live in ``reactor.dispatch.schema``.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reactor.dispatch.invocation import ActionSpecData, Invocation, new_id
+from reactor.dispatch.invocation import PARK_BYTES, ActionSpecData, Invocation, new_id
 from reactor.dispatch.schema import (
     COLS,
     MARKS,
@@ -402,23 +403,38 @@ class Journal:
         finally:
             self._db.text_factory = str
 
-    def _select(self, sql: str, args: Sequence[Any] = (), loose: bool = False) -> list[Invocation]:
-        """Rows of ``sql`` as invocations (``loose``: what does not parse kept as text)."""
+    def _select(
+        self,
+        sql: str,
+        args: Sequence[Any] = (),
+        loose: bool = False,
+        park: int | None = None,
+    ) -> list[Invocation]:
+        """Rows of ``sql`` as invocations (``loose``: what does not parse kept as text;
+        envelopes longer than ``park`` left out, ``parked``).
+
+        Rows are parsed as the cursor yields them, so a parked envelope's text is
+        never held for long; rows that do not parse are quarantined afterwards.
+        """
         with self._lock:
             try:
-                rows = self._rows(sql, args)
+                if loose:
+                    return [loose_row(r) for r in self._rows(sql, args)]
+                try:
+                    invs, bad = _parsed(self._db.execute(sql, args), park)
+                except sqlite3.OperationalError as err:
+                    if "decode" not in str(err):
+                        raise
+                    invs, bad = _parsed(self._rows(sql, args), park)  # a damaged row's text
             except sqlite3.Error as err:
                 raise JournalError(f"journal {self.path}: {err}") from err
-        return [loose_row(r) for r in rows] if loose else self._parse(rows)
+        if bad:
+            self._quarantine_rows(bad)
+        return invs
 
-    def _parse(self, rows: Iterable[sqlite3.Row]) -> list[Invocation]:
+    def _parse(self, rows: Iterable[sqlite3.Row], park: int | None = None) -> list[Invocation]:
         """The rows that parse as invocations; the others are quarantined as dead letters."""
-        invs, bad = [], []
-        for row in rows:
-            try:
-                invs.append(from_row(row))
-            except Exception as err:  # whatever a damaged row makes the parser raise
-                bad.append((f"quarantined: unreadable row: {type(err).__name__}: {err}", row["n"]))
+        invs, bad = _parsed(rows, park)
         if bad:
             self._quarantine_rows(bad)
         return invs
@@ -444,11 +460,27 @@ class Journal:
         """Unfinished invocations (pending, running, requeued) in the order they were written.
 
         A row that cannot be read is moved to the dead letters with the reason (and logged).
+
+        Envelopes longer than ``PARK_BYTES`` stay in the file (``parked``): ``envelope`` reads
+        each back when its invocation runs.
         """
         marks = ", ".join("?" * len(UNFINISHED))
         return self._select(
-            f"SELECT * FROM invocations WHERE status IN ({marks}) ORDER BY n", UNFINISHED
+            f"SELECT * FROM invocations WHERE status IN ({marks}) ORDER BY n",
+            UNFINISHED,
+            park=PARK_BYTES,
         )
+
+    def envelope(self, row: int) -> dict[str, Any] | None:
+        """The envelope of unfinished row ``row`` (None if the row is gone)."""
+        with self._lock:
+            try:
+                found = self._db.execute(
+                    "SELECT envelope FROM invocations WHERE n = ?", (row,)
+                ).fetchone()
+            except sqlite3.Error as err:
+                raise JournalError(f"journal {self.path}: {err}") from err
+        return None if found is None else dict(json.loads(found[0]))
 
     def claim_requeued(self) -> list[Invocation]:
         """Take the rows ``dlq retry`` sent back: they become ``pending`` and are returned."""
@@ -593,3 +625,16 @@ def _lock_beside(path: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _parsed(
+    rows: Iterable[sqlite3.Row], park: int | None
+) -> tuple[list[Invocation], list[tuple[str, int]]]:
+    """The rows that parse as invocations, and (reason, row) for those that do not."""
+    invs, bad = [], []
+    for row in rows:
+        try:
+            invs.append(from_row(row, park))
+        except Exception as err:  # whatever a damaged row makes the parser raise
+            bad.append((f"quarantined: unreadable row: {type(err).__name__}: {err}", row["n"]))
+    return invs, bad

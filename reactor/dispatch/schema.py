@@ -160,10 +160,11 @@ def done_runs(invs: list[Invocation]) -> Iterator[tuple[float, float, int, int]]
             start = i + 1
 
 
-def from_row(row: sqlite3.Row) -> Invocation:
-    """The invocation a row of either table holds."""
+def from_row(row: sqlite3.Row, park: int | None = None) -> Invocation:
+    """The invocation a row of either table holds; an envelope longer than ``park`` stays out."""
     keys = row.keys()
-    envelope = json.loads(row["envelope"])
+    parked = park is not None and len(row["envelope"]) > park
+    envelope = {} if parked else json.loads(row["envelope"])
     spec = ActionSpecData(
         type=row["action_type"],
         params=json.loads(row["params"]),
@@ -174,7 +175,7 @@ def from_row(row: sqlite3.Row) -> Invocation:
         id=row["id"], firing_id=row["firing_id"], rule=row["rule"],
         action_index=row["action_index"], spec=spec, mode=row["mode"],
         vm=_exact(row["vm"], envelope, "vm"), event=_exact(row["event"], envelope, "event"),
-        seq=row["seq"], envelope=envelope,
+        seq=row["seq"], envelope=envelope, parked=parked,
         context=json.loads(row["context"]), created_at=row["created_at"],
         attempts=row["attempts"], status=row["status"], last_error=row["last_error"],
         updated_at=row["updated_at"], finished_at=row["finished_at"],

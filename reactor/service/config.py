@@ -7,10 +7,12 @@ Flags override the file. ``Config()`` with no file is a working default.
 
 from __future__ import annotations
 
+import grp
+import pwd
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from reactor.durations import parse_duration
 from reactor.errors import ConfigError, Diagnostic, Location, RuleError
@@ -18,6 +20,7 @@ from reactor.model import RetryPolicy
 from reactor.plugins.api import ActionSettings
 from reactor.rules.catalog import parse_release
 from reactor.rules.yamlload import MarkedDict, MarkedList, load_file, plain
+from reactor.sources.server import ListenPolicy
 
 
 class _Strict(BaseModel):
@@ -111,6 +114,63 @@ class MetricsConfig(_Strict):
     listen: str | None = "127.0.0.1:9105"
 
 
+def _uid(value: str | int) -> int:
+    return value if isinstance(value, int) else _id_of("user", value)
+
+
+def _gid(value: str | int) -> int:
+    return value if isinstance(value, int) else _id_of("group", value)
+
+
+def _id_of(kind: str, name: str) -> int:
+    """The uid of user ``name`` or the gid of group ``name``; ValueError if there is none."""
+    try:
+        return pwd.getpwnam(name).pw_uid if kind == "user" else grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ValueError(f"no {kind} {name!r} on this host") from None
+
+
+def _known_user(value: str | int) -> str | int:
+    _uid(value)
+    return value
+
+
+def _known_group(value: str | int) -> str | int:
+    _gid(value)
+    return value
+
+
+UserName = Annotated[str | int, AfterValidator(_known_user)]
+GroupName = Annotated[str | int, AfterValidator(_known_group)]
+
+
+class ListenerConfig(_Strict):
+    """Who may connect to the ``listen`` socket, and how many at once.
+
+    ``group``: the unix socket is 0660 owned by this group (else 0600, our user
+    only). ``allow_users``/``allow_groups``: when either is given, a peer is
+    accepted only if the kernel says its uid is one of the users or its primary
+    gid one of the groups (TCP peers, which have no credentials, are then refused).
+    """
+
+    group: GroupName | None = None
+    allow_users: list[UserName] | None = None
+    allow_groups: list[GroupName] | None = None
+    max_handshakes: int = Field(64, ge=1)
+    max_sessions: int = Field(1024, ge=1)
+
+    def policy(self) -> ListenPolicy:
+        """As the listener's ListenPolicy (names resolved to ids now)."""
+        users, groups = self.allow_users, self.allow_groups
+        return ListenPolicy(
+            group=None if self.group is None else _gid(self.group),
+            uids=None if users is None else frozenset(_uid(u) for u in users),
+            gids=None if groups is None else frozenset(_gid(g) for g in groups),
+            max_handshakes=self.max_handshakes,
+            max_sessions=self.max_sessions,
+        )
+
+
 class Config(_Strict):
     """Everything ``qmp-reactor run`` can be told; flags override these."""
 
@@ -121,6 +181,7 @@ class Config(_Strict):
     qmp: list[str] = Field(default_factory=list)
     qmp_glob: list[str] = Field(default_factory=list)
     listen: str | None = None
+    listener: ListenerConfig = Field(default_factory=ListenerConfig)
     vms: list[VmConfig] = Field(default_factory=list)
     qemu_stage: bool = True
     qemu_versions: list[str] = Field(default_factory=list)

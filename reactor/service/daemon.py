@@ -103,12 +103,14 @@ class Daemon:
         assert self.reactor is not None
         self.reactor.feed(env)
 
-    def _emit(self, vm: str, event: str, data: dict[str, Any]) -> None:
-        conn = self.conns.get(vm) if self.conns is not None else None
+    def _emit(self, vm: str, event: str, data: dict[str, Any], source: str | None = None) -> None:
+        # On the connection the invocation's event came from; if it is gone, the event keeps
+        # that source, so no action it fires reaches a later connection with the same name.
+        conn = self.conns.lookup(vm, source) if self.conns is not None else None
         if conn is not None:
             conn.emit(event, data)
         elif self.reactor is not None:
-            self.reactor.emit_local(vm, event, data)
+            self.reactor.emit_local(vm, event, data, source)
 
     def _on_outcome(self, outcome: ActionOutcome) -> None:
         level = logging.WARNING if outcome.status in ("failed", "dead") else logging.DEBUG
@@ -189,7 +191,7 @@ class Daemon:
             clock=AsyncioClock(),
             observe=self._observer(gen),
             on_outcome=self._on_outcome,
-            vm_lookup=self.conns.get,
+            vm_lookup=self.conns.lookup,
             emit=self._emit,
             redactor=self.redactor,
         )
@@ -201,7 +203,8 @@ class Daemon:
             self.conns.add(address, gen.vm_names().get(address))
         self._follow_globs(gen.globs)
         if cfg.listen:
-            self._tasks.append(asyncio.create_task(self.conns.listen(cfg.listen)))
+            listening = self.conns.listen(cfg.listen, cfg.listener.policy())
+            self._tasks.append(asyncio.create_task(listening))
         await asyncio.sleep(0)  # let the listener bind: a bad address stops us before "ready"
         self._check_tasks()
         tune_for_serving()

@@ -3,8 +3,10 @@
 ``Reactor`` is what ``run``, ``demo`` and ``replay --execute`` share: envelopes
 go in through ``feed``; the engine's firings go to the dispatcher, which runs
 the actions through the journal; actions reach VMs through ``vm_lookup`` and
-raise synthetic events back through ``emit``. The event source (QMP
-connections, a replay file) is the caller's.
+raise synthetic events back through ``emit``. ``vm_lookup(vm, source)`` gets the
+VM's name and the ``source`` of the envelope that fired the action, so an action
+reaches the connection that raised its event, never a later one with that
+name. The event source (QMP connections, a replay file) is the caller's.
 """
 
 from __future__ import annotations
@@ -72,8 +74,11 @@ def refrozen() -> Iterator[None]:
         gc.freeze()
 
 
-def synthetic_envelope(vm: str, event: str, data: dict[str, Any], seq: int) -> Envelope:
-    """An envelope for an event the engine raises itself (no QMP connection involved)."""
+def synthetic_envelope(
+    vm: str, event: str, data: dict[str, Any], seq: int, source: str | None = None
+) -> Envelope:
+    """An event the sidecar raises itself, without a connection: ``source`` is the one
+    whose action raised it (its actions then go there, or nowhere), else ``reactor``."""
     now = time.time()
     return {
         "event": event,
@@ -81,7 +86,7 @@ def synthetic_envelope(vm: str, event: str, data: dict[str, Any], seq: int) -> E
         "timestamp": qemu_timestamp(now),
         "vm": vm,
         "host": hostname(),
-        "source": "reactor",
+        "source": source or "reactor",
         "seq": seq,
         "received_at": now,
     }
@@ -107,8 +112,8 @@ class Reactor:
         render: Render | None = None,
         observe: Callable[[Envelope], None] | None = None,
         on_outcome: Callable[[ActionOutcome], None] | None = None,
-        vm_lookup: Callable[[str], VmControl | None] = lambda vm: None,
-        emit: Callable[[str, str, dict[str, Any]], None] | None = None,
+        vm_lookup: Callable[[str, str | None], VmControl | None] = lambda vm, source: None,
+        emit: Callable[[str, str, dict[str, Any], str | None], None] | None = None,
         sleep: Any = None,
         redactor: Redactor | None = None,
     ) -> None:
@@ -204,10 +209,12 @@ class Reactor:
         """None while there is room; else an Event that readers of events wait for first."""
         return self.dispatcher.backpressure()
 
-    def emit_local(self, vm: str, event: str, data: dict[str, Any]) -> None:
-        """Raise a synthetic event for ``vm`` without a connection (replay, tests)."""
+    def emit_local(
+        self, vm: str, event: str, data: dict[str, Any], source: str | None = None
+    ) -> None:
+        """Raise a synthetic event for ``vm`` without a connection (replay, a source gone)."""
         self._seq += 1
-        self.feed(synthetic_envelope(vm, event, data, self._seq))
+        self.feed(synthetic_envelope(vm, event, data, self._seq, source))
 
     def swap_rules(self, rules: RuleSet) -> None:
         """Use a new, fully validated rule set."""

@@ -56,6 +56,16 @@ def default_vm_name(address: str) -> str:
     return stem
 
 
+MAX_VM_NAME = 256
+"""Longest VM name a listener's peer may claim with ``query-name``."""
+
+
+def usable_vm_name(name: str) -> bool:
+    """Whether a name a peer claimed can name a VM: printable (no control characters, no
+    line breaks to forge log lines with) and at most ``MAX_VM_NAME`` characters."""
+    return 0 < len(name) <= MAX_VM_NAME and name.isprintable()
+
+
 def is_loopback(host: str) -> bool:
     """Whether a listening host is loopback-only (``localhost``, 127.0.0.0/8, ``::1``)."""
     if host == "localhost":

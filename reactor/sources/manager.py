@@ -7,11 +7,17 @@ never touches another. VMs come from three places: addresses given explicitly
 up and vanished ones dropped, polled about once a second), and QEMUs that
 connect to us (``listen``). Every QMP event, and the synthetic
 ``REACTOR_CONNECTED`` / ``REACTOR_DISCONNECTED``, reaches ``on_envelope`` as an
-envelope; actions find a VM's connection with ``get(vm)``.
+envelope; actions find the connection that raised their event with
+``lookup(vm, source)``, never another one that took the same name later.
 
-Layers: ``discovery`` (addresses, globs) -> ``qmplink`` (one QMP session on
-qemu.qmp) -> ``vmconnection`` (envelopes, reconnects) -> ``listen`` (server
-mode) -> this module.
+A VM name belongs to one source at a time: a listener's peer that claims a
+name another source holds (a dialled VM, connected or not, or another peer) is
+refused and hung up on; only the same QEMU process (same pid and start time)
+may replace its own session.
+
+Layers: ``discovery`` (addresses, globs) -> ``session`` (one QMP session on
+qemu.qmp) -> ``vm`` (envelopes, reconnects) -> ``server`` (server mode) ->
+this module.
 """
 
 from __future__ import annotations
@@ -27,7 +33,13 @@ from typing import Any
 from qemu.qmp import QMPError
 
 from reactor.sources import server as listen_mode
-from reactor.sources.discovery import default_vm_name, parse_address, scan_globs
+from reactor.sources.discovery import (
+    default_vm_name,
+    parse_address,
+    scan_globs,
+    usable_vm_name,
+)
+from reactor.sources.server import ListenPolicy, PeerInfo
 from reactor.sources.session import MAX_MESSAGE, Pace, QmpLink
 from reactor.sources.vm import OnEnvelope, OnState, SessionFailed, VmConnection
 
@@ -80,6 +92,7 @@ class ConnectionManager:
         self._by_name: dict[str, VmConnection] = {}
         self._glob_owned: set[str] = set()
         self._seqs: OrderedDict[str, int] = OrderedDict()
+        self._seq_keys: dict[str, str] = {}
 
     @property
     def pace(self) -> Pace | None:
@@ -98,6 +111,18 @@ class ConnectionManager:
     def get(self, vm: str) -> VmConnection | None:
         """The connection of the VM called ``vm``, if we have one."""
         return self._by_name.get(vm)
+
+    def lookup(self, vm: str, source: str | None = None) -> VmConnection | None:
+        """The connection ``source`` (an envelope's) names, if it is still ``vm``'s.
+
+        An event the sidecar raised itself (``source`` None or ``reactor``) goes by
+        name. Any other source gets its own connection or none: a peer that took
+        the name later never receives another source's actions.
+        """
+        if source is None or source == "reactor":
+            return self._by_name.get(vm)
+        conn = self._conns.get(source)
+        return conn if conn is not None and conn.name == vm else None
 
     def connections(self) -> list[VmConnection]:
         """Every connection, connected or not."""
@@ -169,24 +194,36 @@ class ConnectionManager:
 
     # -- server mode ------------------------------------------------------------------
 
-    async def listen(self, address: str) -> None:
+    async def listen(self, address: str, policy: ListenPolicy | None = None) -> None:
         """Accept QEMU connections on ``address`` until cancelled (server mode)."""
         await listen_mode.serve(
             address,
             lambda link, peer: self._adopt(link, peer, address),
             greeting_timeout=self._options["greeting_timeout"],
             max_message=self._options["max_message"],
+            policy=policy,
         )
 
-    async def _adopt(self, link: QmpLink, peer: str, listen_address: str) -> None:
-        name = await self._query_name(link) or peer
-        source = f"{listen_address}#{name}"
+    async def _adopt(self, link: QmpLink, peer: PeerInfo, listen_address: str) -> None:
+        name = await self._query_name(link)
+        if name is not None and not usable_vm_name(name):
+            log.warning("%s: refused %s: query-name gave %d characters that cannot name a VM",
+                        listen_address, peer.label, len(name))  # fmt: skip
+            return
+        name = name or peer.label
+        source = f"{listen_address}#{name}@{peer.identity}"
+        holder = self._by_name.get(name)
+        if holder is not None and holder.address != source:
+            log.warning("%s: refused %s: VM name %r belongs to %s", listen_address, peer.label,
+                        name, holder.address)  # fmt: skip
+            return  # the listener hangs up
         previous = self._tasks.pop(source, None)
         if previous is not None:
-            # QEMU came back before we noticed the old session died: the new one wins.
+            # The same QEMU came back before we noticed its old session died: the new one wins.
             self._conns[source].stop_reason = "replaced by a new connection"
             previous.cancel()
             await asyncio.wait([previous])
+        self._seq_keys[source] = f"{listen_address}#{name}"  # seq goes on per name
         vm = self._conns.get(source) or self._new(source, name)
         me = asyncio.current_task()
         assert me is not None
@@ -212,7 +249,7 @@ class ConnectionManager:
     # -- bookkeeping ------------------------------------------------------------------
 
     def _new(self, address: str, name: str) -> VmConnection:
-        seq = self._seqs.pop(address, 0)
+        seq = self._seqs.pop(self._seq_keys.get(address, address), 0)
         vm = VmConnection(address, name, self._on_envelope, seq=seq, **self._options)
         self._conns[address] = vm
         clash = self._by_name.get(name)
@@ -227,8 +264,9 @@ class ConnectionManager:
         if self._by_name.get(vm.name) is vm:
             del self._by_name[vm.name]
         # Remember where seq stopped, so a socket that comes back continues it.
-        self._seqs[vm.address] = vm.seq
-        self._seqs.move_to_end(vm.address)
+        key = self._seq_keys.pop(vm.address, vm.address)
+        self._seqs[key] = vm.seq
+        self._seqs.move_to_end(key)
         while len(self._seqs) > SEQ_MEMORY:
             self._seqs.popitem(last=False)
 

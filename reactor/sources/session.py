@@ -5,8 +5,9 @@ library hands every event to ``EventListener`` objects whose ``history`` lists
 and queues grow without bound unless drained, which a sidecar running for
 months cannot afford. Here an event never becomes a library ``Message``: the
 reader parses the line, stamps the time it was read, and calls ``sink`` right
-away (or holds it, in a bounded deque, until the session is announced). Command
-replies still take the library's normal route, so ``execute`` works unchanged.
+away (or holds it, bounded by count and by bytes, until the session is
+announced). Command replies still take the library's normal route, so
+``execute`` works unchanged.
 
 The read buffer is bounded by ``max_message``: a longer line ends the session
 (``ValueError`` from the stream reader) instead of being buffered.
@@ -40,6 +41,9 @@ MAX_MESSAGE = 1 << 20
 BURST = 32
 """Events of one VM handled before the loop turns to the others (a flood must not starve them)."""
 
+BURST_BYTES = 256 * 1024
+"""Bytes of events of one VM parsed before the loop turns to the others (big events count more)."""
+
 Pace = Callable[[], asyncio.Event | None]
 """Asked before each event of an announced session: None to deliver it, else an
 ``asyncio.Event`` to wait for first (the consumer is overloaded). Replies and the
@@ -49,6 +53,15 @@ events of a session being opened are never held. The daemon's is
 
 HOLD_MAX = 10_000
 """Events kept while a session is being announced; older ones are dropped past this."""
+
+HOLD_BYTES = 8 * 1024 * 1024
+"""Bytes of events (as read) kept while a session is being announced; older ones are
+dropped past this, so a peer that withholds its replies while it streams cannot grow us."""
+
+HOLD_RATE = 8 * 1024 * 1024
+"""Bytes per second a session not yet announced is read at once it has sent ``HOLD_BYTES``:
+QEMU never sends that much before answering, and parsing what a peer that does streams
+would take the CPU the other VMs' events need."""
 
 WIRE_LOGGER = "reactor.qmp.wire"
 
@@ -110,12 +123,15 @@ def describe(err: BaseException, limit: int = 200) -> str:
 class QmpLink(QMPClient):
     """A QMP client whose events go straight to ``sink`` (or a bounded hold)."""
 
-    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+    def __init__(self, max_message: int = MAX_MESSAGE, hold_bytes: int = HOLD_BYTES) -> None:
         super().__init__(None, max_message)
         self.logger = _WireLog()
         self.sink: EventSink | None = None
         self.pace: Pace | None = None
-        self.held: deque[tuple[RawEvent, float]] = deque(maxlen=HOLD_MAX)
+        self.held: deque[tuple[RawEvent, float, int]] = deque()
+        self.held_bytes = 0
+        self.hold_bytes = hold_bytes
+        self.unannounced_bytes = 0
         self.dropped = 0
 
     def release(self, sink: EventSink, pace: Pace | None = None) -> None:
@@ -123,8 +139,9 @@ class QmpLink(QMPClient):
 
         From now on each event first asks ``pace`` whether to wait (see ``Pace``).
         """
-        held, self.held = self.held, deque(maxlen=HOLD_MAX)
-        for obj, received in held:
+        held, self.held, self.held_bytes = self.held, deque(), 0
+        while held:
+            obj, received, _ = held.popleft()  # each one freed as soon as it is delivered
             sink(obj, received)
         self.pace = pace
         self.sink = sink
@@ -141,27 +158,36 @@ class QmpLink(QMPClient):
         return await self.shut()
 
     async def shut(self, timeout: float = 2.0) -> str:
-        """Disconnect (bounded by ``timeout``) and return the reason the session ended."""
+        """Disconnect (bounded by ``timeout``) and return the reason the session ended.
+
+        The library's disconnect runs shielded: cancelled halfway (the sidecar
+        stopping as the peer hangs up) it would leave an error nobody retrieves.
+        """
+        closing = asyncio.ensure_future(self.disconnect())
+        closing.add_done_callback(_retrieve)
         try:
             async with asyncio.timeout(timeout):
-                await self.disconnect()
+                await asyncio.shield(closing)
         except TimeoutError:
             return "timed out closing the connection"
         except Exception as err:
             return describe(err)
         return "closed"
 
-    def _hold(self, obj: RawEvent, received: float) -> None:
-        if len(self.held) == self.held.maxlen:
+    def _hold(self, obj: RawEvent, received: float, size: int) -> None:
+        held = self.held
+        held.append((obj, received, size))
+        self.held_bytes += size
+        while len(held) > HOLD_MAX or (self.held_bytes > self.hold_bytes and len(held) > 1):
+            self.held_bytes -= held.popleft()[2]
             self.dropped += 1
-        self.held.append((obj, received))
 
     async def _do_recv(self) -> Message:
-        burst = 0
+        burst = burst_bytes = 0
         while True:
-            if burst >= BURST:
+            if burst >= BURST or burst_bytes >= BURST_BYTES:
                 # A line already buffered is read without a pause: let the other VMs in.
-                burst = 0
+                burst = burst_bytes = 0
                 await asyncio.sleep(0)
             try:
                 raw = await self._readline()
@@ -179,9 +205,13 @@ class QmpLink(QMPClient):
             if "event" not in obj:
                 return Message(obj, eager=False)
             burst += 1
+            burst_bytes += len(raw)
             sink = self.sink
             if sink is None:
-                self._hold(obj, received)
+                self._hold(obj, received, len(raw))
+                self.unannounced_bytes += len(raw)
+                if self.unannounced_bytes > self.hold_bytes:
+                    await asyncio.sleep(len(raw) / HOLD_RATE)  # and the socket waits meanwhile
                 continue
             pace = self.pace
             if pace is not None and (gate := pace()) is not None:
@@ -199,6 +229,11 @@ class QmpLink(QMPClient):
         if self.logger.isEnabledFor(logging.DEBUG):
             self.logger.debug("--> %s", msg)
         return msg
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # reported by ``shut`` when it waited; else of no interest
 
 
 async def discard(link: QmpLink) -> None:
