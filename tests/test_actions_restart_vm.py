@@ -228,17 +228,12 @@ def test_guard_defaults_come_from_settings() -> None:
 def test_guard_counts_an_invocation_once_and_forgets_after_the_window() -> None:
     now = [1000.0]
     guard = RestartGuard(clock=lambda: now[0])
-
-    def admit(vm: str, invocation: str) -> tuple[bool, int]:
-        answer = guard.admit(vm, invocation, limit=1, window=60)
-        return answer.admitted, answer.restarts
-
-    assert admit("web1", "inv-a") == (True, 1)
-    assert admit("web1", "inv-a") == (True, 1)  # a retry
-    assert admit("web1", "inv-b") == (False, 1)
-    assert admit("web2", "inv-c") == (True, 1)  # per VM
+    assert guard.admit("web1", "inv-a", limit=1, window=60) == (True, 1)
+    assert guard.admit("web1", "inv-a", limit=1, window=60) == (True, 1)  # a retry
+    assert guard.admit("web1", "inv-b", limit=1, window=60) == (False, 1)
+    assert guard.admit("web2", "inv-c", limit=1, window=60) == (True, 1)  # per VM
     now[0] += 60.5
-    assert admit("web1", "inv-b") == (True, 1)
+    assert guard.admit("web1", "inv-b", limit=1, window=60) == (True, 1)
 
 
 def test_method_command_needs_exec(tmp_path: Path) -> None:
@@ -300,7 +295,7 @@ def test_guard_backoff_counts_consecutive_restarts_and_resets_after_a_good_run()
     guard = RestartGuard(clock=lambda: now[0])
 
     def admit(invocation: str) -> tuple[int, float]:
-        answer = guard.admit("web1", invocation, limit=10, window=3600, backoff=BACKOFF)
+        answer = guard.decide("web1", invocation, limit=10, window=3600, backoff=BACKOFF)
         assert answer.admitted
         return answer.streak, answer.due - now[0]
 
@@ -319,7 +314,7 @@ def test_guard_backoff_counts_consecutive_restarts_and_resets_after_a_good_run()
     guard.note("web1", "c", ran=True)
     now[0] += 300  # ran reset_after without a panic: starts over
     assert admit("d") == (1, 0)
-    assert guard.admit("web2", "e", 10, 3600, BACKOFF).streak == 1  # per VM
+    assert guard.decide("web2", "e", 10, 3600, BACKOFF).streak == 1  # per VM
 
 
 def test_guard_backoff_keeps_the_cap() -> None:
@@ -327,12 +322,12 @@ def test_guard_backoff_keeps_the_cap() -> None:
     guard = RestartGuard(clock=lambda: now[0])
     slow = Backoff(initial=10, max=60, reset_after=3600)
     for invocation in "ab":
-        assert guard.admit("web1", invocation, 2, 600, slow).admitted
+        assert guard.decide("web1", invocation, 2, 600, slow).admitted
         now[0] += 1
-    answer = guard.admit("web1", "c", 2, 600, slow)
+    answer = guard.decide("web1", "c", 2, 600, slow)
     assert (answer.admitted, answer.restarts) == (False, 2)
     now[0] += 600  # the window passed, reset_after did not: the streak goes on
-    answer = guard.admit("web1", "c", 2, 600, slow)
+    answer = guard.decide("web1", "c", 2, 600, slow)
     assert (answer.admitted, answer.streak, answer.due - now[0]) == (True, 3, 20)
 
 

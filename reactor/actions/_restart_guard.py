@@ -8,6 +8,8 @@ cap, past which ``restart_vm`` reports REACTOR_RESTART_SUPPRESSED), and with a
 ``Backoff`` gives it a time before which it must not happen: consecutive
 restarts wait ``initial``, then twice as long each time up to ``max``; a VM that
 ran ``reset_after`` since its last restart starts again from no wait.
+``decide`` answers with an ``Admission``; ``admit`` is the plain
+``(admitted, restarts)`` of the guard before it had a backoff.
 """
 
 from __future__ import annotations
@@ -109,7 +111,12 @@ class RestartGuard:
         self.history: RestartHistory = MemoryHistory() if history is None else history
         self._lock = threading.Lock()
 
-    def admit(
+    def admit(self, vm: str, invocation_id: str, limit: int, window: float) -> tuple[bool, int]:
+        """Whether ``vm`` may restart now, and the restarts counted in the window (no backoff)."""
+        answer = self.decide(vm, invocation_id, limit, window)
+        return answer.admitted, answer.restarts
+
+    def decide(
         self,
         vm: str,
         invocation_id: str,

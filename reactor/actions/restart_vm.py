@@ -78,7 +78,8 @@ class RestartParams(ActionParams):
     limit: int | None = Field(None, ge=1, description="restarts allowed per VM per window")
     window: Duration | None = Field(None, gt=0, description="the window of limit")
     backoff: BackoffParams | None = Field(
-        None, description="wait longer before each consecutive restart of the VM"
+        None,
+        description="{initial: 10s, max: 5m, reset_after: 10m}: each restart in a row waits longer",
     )
     dump: str | None = Field(
         None, min_length=2, description="file QEMU writes the guest's memory to before the restart"
@@ -181,7 +182,7 @@ def make_restart_vm(
         limit = params.limit or ctx.settings.restart_limit
         window = params.window or ctx.settings.restart_window
         backoff = params.backoff.backoff() if params.backoff is not None else None
-        admission = the_guard.admit(vm, ctx.invocation_id, limit, window, backoff)
+        admission = the_guard.decide(vm, ctx.invocation_id, limit, window, backoff)
         if not admission.admitted:
             return _suppressed(params, ctx, vm, admission.restarts, limit, window)
         result: dict[str, Any] = {"method": params.method, "suppressed": False}
