@@ -430,3 +430,33 @@ def test_a_refused_dump_path_still_restarts() -> None:
 def test_backoff_and_dump_parameter_rules(params: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         RestartParams.model_validate(params)
+
+
+def test_what_qemu_says_of_its_jobs_is_bounded_and_escaped() -> None:
+    vm = FakeQemu("guest-panicked")
+    vm.jobs = [[{"id": "x" * 500, "type": "backup\n\x1b[2J", "status": {"deep": [1]}}]]
+    with pytest.raises(TransientActionError) as caught:
+        restart(vm, {"jobs_timeout": "20ms"})
+    message = str(caught.value)
+    assert "\n" not in message and "\x1b" not in message and len(message) < 300
+    assert f"'backup\\n\\x1b[2J' job '{'x' * 64}' \"{{'deep': [1]}}\"" in message
+
+
+def test_a_vm_started_by_someone_else_during_the_backoff_is_not_reset_again() -> None:
+    guard = RestartGuard()
+    vm = FakeQemu("guest-panicked")
+    params = {"backoff": {"initial": "1s", "max": "1s"}}
+    restart(vm, params, guard=guard, ctx=make_ctx(vm, "inv-1"))
+    vm.status = "guest-panicked"
+    vm.calls.clear()
+
+    async def second() -> Any:
+        kind = make_restart_vm(guard, poll_interval=0.005)
+        running = asyncio.create_task(kind.run(RestartParams(**params), make_ctx(vm, "inv-2")))
+        await asyncio.sleep(0.3)
+        vm.status = "running"  # an operator's system_reset and cont
+        return await running
+
+    result = asyncio.run(second())
+    assert result["skipped"] == "running again" and result["streak"] == 2
+    assert vm.steps == ["query-status", "query-status"]

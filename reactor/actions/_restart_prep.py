@@ -37,17 +37,24 @@ async def _query(ctx: ActionContext, command: str) -> Any:
         return None
 
 
+def _shown(value: Any) -> str:
+    """A value QEMU sent, bounded and printable, for a message."""
+    text = str(value)[:64]
+    return text if text.isidentifier() or text.replace("-", "_").isidentifier() else repr(text)
+
+
 async def busy(ctx: ActionContext) -> str | None:
     """What on the VM a restart would spoil now (``backup job 'b0' running``), or None."""
     jobs = await _query(ctx, "query-jobs")
     for job in jobs if isinstance(jobs, list) else []:
-        status = job.get("status") if isinstance(job, dict) else None
-        if status not in IDLE_JOB_STATES:
-            return f"{job.get('type', 'block')} job {str(job.get('id', ''))!r} {status}"
+        if not isinstance(job, dict) or str(job.get("status")) in IDLE_JOB_STATES:
+            continue
+        kind, status = _shown(job.get("type", "block")), _shown(job.get("status"))
+        return f"{kind} job {str(job.get('id', ''))[:64]!r} {status}"
     migration = await _query(ctx, "query-migrate")
     status = migration.get("status", "none") if isinstance(migration, dict) else "none"
-    if status not in IDLE_MIGRATION_STATES:
-        return f"migration {status}"
+    if str(status) not in IDLE_MIGRATION_STATES:
+        return f"migration {_shown(status)}"
     return None
 
 

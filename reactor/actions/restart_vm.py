@@ -29,7 +29,7 @@ from reactor.actions._restart_guard import Admission, Backoff, RestartGuard
 from reactor.actions._restart_prep import dump_memory, wait_idle
 from reactor.actions._vmcall import execute, require_vm
 from reactor.actions.exec import DISABLED, last_line, refuse_unless_enabled, run_argv
-from reactor.errors import PermanentActionError, TransientActionError
+from reactor.errors import ActionError, PermanentActionError, TransientActionError
 from reactor.plugins.api import ActionContext, ActionParams, ActionType, CheckContext, Duration
 from reactor.plugins.hookspecs import Register, hookimpl
 
@@ -187,11 +187,14 @@ def make_restart_vm(
             return _suppressed(params, ctx, vm, admission.restarts, limit, window)
         result: dict[str, Any] = {"method": params.method, "suppressed": False}
         if backoff is not None:
-            waited = await _wait_due(the_guard, vm, admission)
+            waited, meanwhile = await _wait_due(the_guard, vm, admission, ctx)
             result.update(streak=admission.streak, waited=round(waited, 3))
+            if meanwhile:
+                the_guard.note(vm, ctx.invocation_id, ran=True)
+                return {**result, "skipped": "running again"}
         if ctx.vm is not None or params.method != "command":
             await wait_idle(ctx, params.jobs_timeout, poll_interval)
-        if params.dump is not None and not admission.dumped:
+        if params.dump is not None and not admission.dumped and ctx.vm is not None:
             result["dump"] = await _dump(params, ctx, poll_interval)
             the_guard.note(vm, ctx.invocation_id, dumped=True)
         restarter = _Restarter(params, ctx, poll_interval)
@@ -210,29 +213,45 @@ def make_restart_vm(
     )
 
 
-async def _wait_due(guard: RestartGuard, vm: str, admission: Admission) -> float:
-    """Sleep until the admitted restart is due; the seconds slept."""
+async def _wait_due(
+    guard: RestartGuard, vm: str, admission: Admission, ctx: ActionContext
+) -> tuple[float, bool]:
+    """Sleep until the admitted restart is due: the seconds slept, and whether the VM
+    was restarted by someone else meanwhile (stopped before the wait, running after it)."""
     delay = admission.due - guard.clock()
     if delay <= 0:
-        return 0.0
+        return 0.0, False
     log.info(
         "restart of VM %s waits %.1fs: restart %d in a row (backoff)", vm, delay, admission.streak
     )
+    before = await _running(ctx)
     await asyncio.sleep(delay)
-    return delay
+    meanwhile = before is False and await _running(ctx) is True
+    if meanwhile:
+        log.info("restart of VM %s not needed: it was started again while it waited", vm)
+    return delay, meanwhile
+
+
+async def _running(ctx: ActionContext) -> bool | None:
+    """Whether the VM runs (None: not known, no connection)."""
+    if ctx.vm is None:
+        return None
+    try:
+        reply = await execute(ctx, ACTION, "query-status")
+    except ActionError:
+        return None
+    return bool(reply.get("running")) if isinstance(reply, dict) else None
 
 
 async def _dump(params: RestartParams, ctx: ActionContext, interval: float) -> dict[str, Any]:
     path = params.dump or ""
-    if ctx.vm is None:
-        outcome: dict[str, Any] = {"path": path, "status": "failed", "error": "VM not connected"}
-    else:
-        outcome = await dump_memory(ctx, path, params.dump_timeout, interval)
+    vm = require_vm(ctx).name
+    outcome = await dump_memory(ctx, path, params.dump_timeout, interval)
     if outcome["status"] == "completed":
-        log.info("memory of VM %s dumped to %r", ctx.vm and ctx.vm.name, path)
+        log.info("memory of VM %s dumped to %r", vm, path)
     else:
         error = outcome.get("error", outcome["status"])
-        log.warning("memory of VM %s not dumped to %r: %s", ctx.vm and ctx.vm.name, path, error)
+        log.warning("memory of VM %s not dumped to %r: %s", vm, path, error)
     return outcome
 
 
