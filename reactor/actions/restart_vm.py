@@ -23,7 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from reactor.actions._restart_guard import Admission, Backoff, RestartGuard
 from reactor.actions._restart_prep import dump_memory, wait_idle
@@ -40,6 +40,8 @@ RESUMABLE = frozenset({"paused", "prelaunch"})
 VERIFIED = frozenset({"reset", "powerdown"})
 """Methods after which the VM is seen running (the backoff's ``reset_after`` counts from then)."""
 POLL_INTERVAL = 0.2
+JOBS_POLLS_SLOWER = 5
+"""Jobs and migrations last minutes: ask about them every second, not five times a second."""
 
 
 class BackoffParams(ActionParams):
@@ -93,9 +95,16 @@ class RestartParams(ActionParams):
     def _command_iff_method_command(self) -> RestartParams:
         if (self.method == "command") != (self.command is not None):
             raise ValueError("command is required with method: command, and only with it")
-        if self.dump is not None and not self.dump.startswith("/"):
-            raise ValueError("dump must be an absolute path (templates only after a literal '/')")
         return self
+
+    @field_validator("dump")
+    @classmethod
+    def _dump_is_absolute(cls, dump: str | None) -> str | None:
+        # Written absolute, a template can only steer the name below a directory the operator
+        # chose; what it renders to is checked again before the dump (_restart_prep).
+        if dump is not None and not dump.startswith("/"):
+            raise ValueError("dump must be an absolute path (templates only after a literal '/')")
+        return dump
 
 
 class _Restarter:
@@ -193,7 +202,7 @@ def make_restart_vm(
                 the_guard.note(vm, ctx.invocation_id, ran=True)
                 return {**result, "skipped": "running again"}
         if ctx.vm is not None or params.method != "command":
-            await wait_idle(ctx, params.jobs_timeout, poll_interval)
+            await wait_idle(ctx, params.jobs_timeout, poll_interval * JOBS_POLLS_SLOWER)
         if params.dump is not None and not admission.dumped and ctx.vm is not None:
             result["dump"] = await _dump(params, ctx, poll_interval)
             the_guard.note(vm, ctx.invocation_id, dumped=True)
