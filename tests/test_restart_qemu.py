@@ -2,6 +2,8 @@
 
 * A backup job and a migration: a VM stopped while one runs is not restarted until it ends
   (an attempt that waited ``jobs_timeout`` fails and is retried), then it is.
+* A restart waiting out its backoff when the sidecar is killed with SIGKILL: the next sidecar
+  carries it out.
 * The tiny guest panicking again and again (``echo c > /proc/sysrq-trigger`` under
   ``-action panic=pause`` and pvpanic-pci): each restart dumps the guest's memory first (the
   dump holds the panic, DUMP_COMPLETED reaches the rules), consecutive restarts wait longer
@@ -95,6 +97,47 @@ def test_a_restart_waits_for_a_backup_and_for_a_migration(tmp_path: Path) -> Non
         assert not sidecar.outcomes("restart_vm", "failed")
     assert sidecar.returncode == 0
     assert "Traceback" not in sidecar.log_text()
+
+
+KILL_RULES = """\
+rules:
+  - name: stopped
+    on: STOP
+    actions:
+      - type: restart_vm
+        with: {backoff: {initial: 20s, max: 20s, reset_after: 1h}}
+        timeout: 2m
+"""
+
+
+def _oks(sidecar: Sidecar, count: int) -> None:
+    def done() -> bool:
+        return len(sidecar.outcomes("restart_vm", "ok")) >= count
+
+    sidecar.wait_for(lambda _: done(), 60, f"{count} x restart_vm ok")
+
+
+def test_a_restart_waiting_out_its_backoff_is_not_lost_to_a_kill_9(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(KILL_RULES)
+    with ThrowawayQemu(name="vm", extra_qmp=["vm"], memory_mb=64) as qemu:
+        with Sidecar(tmp_path, [qemu.qmp_socket("vm")], [rules]) as first:
+            first.wait_message("vm: connected", 30)
+            qemu.qmp.execute("stop")
+            _oks(first, 1)  # the first restart at once
+            qemu.qmp.execute("stop")
+            first.wait_message("restart 2 in a row (backoff)", 30)
+            first.proc.kill()
+        assert first.returncode == -9
+        assert qemu.qmp.execute("query-status")["status"] == "paused"
+        _resets(qemu, 0)
+        # The journaled invocation resumes: at once, or after what is left of the wait if the
+        # guard's history outlived the process.
+        with Sidecar(tmp_path, [qemu.qmp_socket("vm")], [rules]) as second:
+            qemu.qmp.wait_event("RESET", 90, {"reason": "host-qmp-system-reset"})
+            _oks(second, 1)
+        assert qemu.qmp.execute("query-status")["status"] == "running"
+    assert second.returncode == 0
 
 
 INITIAL_S, MAX_S, RESET_AFTER_S = 2, 3, 20
