@@ -148,12 +148,10 @@ class RestartGuard:
     def _next(
         last: Restart | None, invocation_id: str, now: float, backoff: Backoff | None
     ) -> Restart:
-        if backoff is None:
+        if backoff is None or last is None or now - last.running_since >= backoff.reset_after:
             return Restart(invocation_id, now, now)
-        consecutive = last is not None and now - last.running_since < backoff.reset_after
-        streak = last.streak + 1 if consecutive and last is not None else 1
-        start = max(now, last.due) if consecutive and last is not None else now
-        return Restart(invocation_id, now, start + backoff.delay(streak), streak)
+        streak = last.streak + 1
+        return Restart(invocation_id, now, max(now, last.due) + backoff.delay(streak), streak)
 
     def note(self, vm: str, invocation_id: str, *, ran: bool = False, dumped: bool = False) -> None:
         """Record that the VM ran again after this restart, or that its memory was dumped."""
