@@ -1,8 +1,9 @@
-"""restart_vm: the QMP steps of each method, verification, and the restart guard.
+"""restart_vm: the QMP steps of each method, verification, the restart guard and its backoff,
+the wait for jobs and migration, and the memory dump.
 
 ``FakeQemu`` is an in-test double of a VM's QMP connection (a plain class with
-QEMU's run-state rules for these few commands); the real-QEMU restart test
-belongs to the integration suite.
+QEMU's run-state rules for these few commands); the real-QEMU tests are in
+``test_restart_backoff_qemu.py`` and ``test_e2e_guest.py``.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from qemu.qmp import ExecuteError
 from qemu.qmp.message import Message
 from qemu.qmp.models import ErrorResponse
 
+from reactor.actions._restart_guard import Backoff
+from reactor.actions._restart_prep import dump_path_problem
 from reactor.actions.exec import DISABLED
 from reactor.actions.restart_vm import Plugin, RestartGuard, RestartParams, make_restart_vm
 from reactor.errors import PermanentActionError, TransientActionError
 from reactor.plugins.api import ActionContext, ActionSettings, CheckContext
 
 CAUSE = ("panic", "restart_vm")
+PREP = ("query-jobs", "query-migrate")
 
 
 def qmp_error(command: str, desc: str) -> ExecuteError:
@@ -40,6 +44,15 @@ class FakeQemu:
         self.stuck = False  # cont is accepted but the VM never runs
         self.calls: list[str] = []
         self.causes: set[tuple[str, str] | None] = set()
+        self.jobs: list[list[dict[str, Any]]] = []  # query-jobs answers, one per call, last kept
+        self.migration: dict[str, Any] = {}
+        self.dumps: list[dict[str, Any]] = []
+        self.dump_states = ["active", "completed"]
+
+    @property
+    def steps(self) -> list[str]:
+        """The commands sent, without the checks for jobs and migration."""
+        return [c for c in self.calls if c not in PREP]
 
     async def execute(
         self,
@@ -50,7 +63,20 @@ class FakeQemu:
     ) -> Any:
         self.calls.append(command)
         self.causes.add(cause)
+        if command == "dump-guest-memory":
+            self.dumps.append(dict(arguments or {}))
+            return {}
         return getattr(self, command.replace("-", "_"))()
+
+    def query_jobs(self) -> list[dict[str, Any]]:
+        return self.jobs.pop(0) if len(self.jobs) > 1 else (self.jobs or [[]])[0]
+
+    def query_migrate(self) -> dict[str, Any]:
+        return self.migration
+
+    def query_dump(self) -> dict[str, Any]:
+        status = self.dump_states.pop(0) if len(self.dump_states) > 1 else self.dump_states[0]
+        return {"status": status, "completed": 0, "total": 1}
 
     def query_status(self) -> dict[str, Any]:
         return {"status": self.status, "running": self.status == "running"}
@@ -112,7 +138,7 @@ def restart(
 def test_reset_of_a_running_vm() -> None:
     vm = FakeQemu("running")
     assert restart(vm) == {"method": "reset", "suppressed": False}
-    assert vm.calls == ["system_reset", "query-status"]
+    assert vm.steps == ["system_reset", "query-status"]
     assert vm.causes == {CAUSE}
 
 
@@ -120,14 +146,14 @@ def test_reset_of_a_running_vm() -> None:
 def test_reset_of_a_stopped_vm_continues_it(status: str) -> None:
     vm = FakeQemu(status)
     restart(vm)
-    assert vm.calls == ["system_reset", "query-status", "cont", "query-status"]
+    assert vm.steps == ["system_reset", "query-status", "cont", "query-status"]
     assert vm.status == "running" and vm.causes == {CAUSE}
 
 
 def test_powerdown_waits_for_the_guest_then_resets_and_continues() -> None:
     vm = FakeQemu("running")
     restart(vm, {"method": "powerdown"})
-    assert vm.calls == [
+    assert vm.steps == [
         "system_powerdown",
         "query-status",
         "system_reset",
@@ -141,15 +167,15 @@ def test_powerdown_waits_for_the_guest_then_resets_and_continues() -> None:
 def test_powerdown_ignored_by_the_guest_is_forced_by_a_reset() -> None:
     vm = FakeQemu("running", obeys_powerdown=False)
     restart(vm, {"method": "powerdown", "powerdown_timeout": "50ms"})
-    assert vm.calls[0] == "system_powerdown"
-    assert vm.calls.count("query-status") >= 3
-    assert vm.calls[-2:] == ["system_reset", "query-status"]
+    assert vm.steps[0] == "system_powerdown"
+    assert vm.steps.count("query-status") >= 3
+    assert vm.steps[-2:] == ["system_reset", "query-status"]
 
 
 def test_quit_succeeds_when_the_connection_closes() -> None:
     vm = FakeQemu("running")
     assert restart(vm, {"method": "quit"}) == {"method": "quit", "suppressed": False}
-    assert vm.calls == ["quit"]
+    assert vm.steps == ["quit"]
 
 
 def test_a_vm_that_does_not_run_again_fails_the_verification() -> None:
@@ -254,3 +280,183 @@ def test_a_fresh_plugin_has_a_fresh_guard() -> None:
     assert not suppressed(first, "inv-1")
     assert suppressed(first, "inv-2")
     assert not suppressed(second, "inv-2")
+
+
+BACKOFF = Backoff(initial=10, max=60, reset_after=300)
+
+
+def test_backoff_doubles_up_to_max() -> None:
+    assert [BACKOFF.delay(n) for n in range(1, 7)] == [0, 10, 20, 40, 60, 60]
+    assert BACKOFF.delay(10_000) == 60
+
+
+def test_guard_backoff_counts_consecutive_restarts_and_resets_after_a_good_run() -> None:
+    now = [1000.0]
+    guard = RestartGuard(clock=lambda: now[0])
+
+    def admit(invocation: str) -> tuple[int, float]:
+        answer = guard.decide("web1", invocation, limit=10, window=3600, backoff=BACKOFF)
+        assert answer.admitted
+        return answer.streak, answer.due - now[0]
+
+    assert admit("a") == (1, 0)
+    guard.note("web1", "a", ran=True)
+    now[0] += 30  # panicked again after running 30 s
+    assert admit("b") == (2, 10)
+    assert admit("b") == (2, 10)  # a retry waits what is left, counts once
+    now[0] += 4
+    assert admit("b") == (2, 6)
+    now[0] += 6
+    guard.note("web1", "b", ran=True)
+    now[0] += 299
+    assert admit("c") == (3, 20)
+    now[0] += 20
+    guard.note("web1", "c", ran=True)
+    now[0] += 300  # ran reset_after without a panic: starts over
+    assert admit("d") == (1, 0)
+    assert guard.decide("web2", "e", 10, 3600, BACKOFF).streak == 1  # per VM
+
+
+def test_guard_backoff_keeps_the_cap() -> None:
+    now = [0.0]
+    guard = RestartGuard(clock=lambda: now[0])
+    slow = Backoff(initial=10, max=60, reset_after=3600)
+    for invocation in "ab":
+        assert guard.decide("web1", invocation, 2, 600, slow).admitted
+        now[0] += 1
+    answer = guard.decide("web1", "c", 2, 600, slow)
+    assert (answer.admitted, answer.restarts) == (False, 2)
+    now[0] += 600  # the window passed, reset_after did not: the streak goes on
+    answer = guard.decide("web1", "c", 2, 600, slow)
+    assert (answer.admitted, answer.streak, answer.due - now[0]) == (True, 3, 20)
+
+
+def test_consecutive_restarts_wait_longer_each_time() -> None:
+    guard = RestartGuard()
+    vm = FakeQemu("guest-panicked")
+    params = {"backoff": {"initial": "50ms", "max": "80ms", "reset_after": "1h"}}
+    results = []
+    for n in range(3):
+        vm.status = "guest-panicked"
+        results.append(restart(vm, params, guard=guard, ctx=make_ctx(vm, f"inv-{n}")))
+    assert [(r["streak"], r["suppressed"]) for r in results] == [(1, False), (2, False), (3, False)]
+    assert results[0]["waited"] == 0
+    assert 0.03 < results[1]["waited"] <= 0.05
+    assert 0.06 < results[2]["waited"] <= 0.08
+    assert vm.status == "running"
+    fourth = restart(vm, params, guard=guard, ctx=make_ctx(vm, "inv-4"))
+    assert fourth["suppressed"] is True and fourth["restarts"] == 3
+
+
+def test_restart_waits_for_jobs_and_migration() -> None:
+    vm = FakeQemu("guest-panicked")
+    backup = {"id": "b0", "type": "backup", "status": "running"}
+    vm.jobs = [[backup], [backup], [{**backup, "status": "concluded"}]]
+    assert restart(vm)["suppressed"] is False
+    assert vm.calls[: vm.calls.index("system_reset")].count("query-jobs") == 3
+    assert vm.status == "running"
+
+    vm = FakeQemu("guest-panicked")
+    vm.migration = {"status": "active"}
+    with pytest.raises(TransientActionError, match=r"not restarted: migration active after 0\.05s"):
+        restart(vm, {"jobs_timeout": "50ms"})
+    assert "system_reset" not in vm.calls and vm.status == "guest-panicked"
+
+
+def test_dump_before_the_reset_once_per_invocation(tmp_path: Path) -> None:
+    guard = RestartGuard()
+    vm = FakeQemu("guest-panicked")
+    vm.stuck = True  # the first attempt fails its verification, the retry must not dump again
+    params = {"dump": str(tmp_path / "web1.elf"), "timeout": "50ms"}
+    with pytest.raises(TransientActionError):
+        restart(vm, params, guard=guard)
+    assert vm.calls[vm.calls.index("dump-guest-memory") :][:3] == [
+        "dump-guest-memory",
+        "query-dump",
+        "query-dump",
+    ]
+    assert vm.dumps == [{"paging": False, "protocol": f"file:{tmp_path}/web1.elf", "detach": True}]
+    vm.stuck = False
+    result = restart(vm, params, guard=guard)
+    assert len(vm.dumps) == 1 and vm.status == "running"
+    assert "dump" not in result
+
+
+@pytest.mark.parametrize(("state", "expected"), [("failed", "failed"), ("active", "timeout")])
+def test_a_dump_that_fails_does_not_keep_the_vm_down(state: str, expected: str) -> None:
+    vm = FakeQemu("guest-panicked")
+    vm.dump_states = [state]
+    result = restart(vm, {"dump": "/var/crash/web1.elf", "dump_timeout": "30ms"})
+    assert result["dump"]["status"] == expected
+    assert vm.status == "running"
+
+
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("/var/crash/../../etc/passwd", "a '..' component"),
+        ("/var/crash/a\nb.elf", "control characters"),
+        ("var/crash", "not an absolute path"),
+        ("/" + "a" * 5000, "longer than 4096 characters"),
+        ("/var/crash/web1..elf", None),
+    ],
+)
+def test_dump_paths_a_guest_could_steer_are_refused(path: str, problem: str | None) -> None:
+    assert dump_path_problem(path) == problem
+
+
+def test_a_refused_dump_path_still_restarts() -> None:
+    vm = FakeQemu("guest-panicked")
+    result = restart(vm, {"dump": "/var/crash/x/../y.elf"})
+    assert result["dump"] == {
+        "path": "/var/crash/x/../y.elf",
+        "status": "failed",
+        "error": "dump path refused: a '..' component",
+    }
+    assert vm.dumps == [] and vm.status == "running"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"backoff": {"initial": "2m", "max": "1m"}},
+        {"backoff": {"initial": 0}},
+        {"backoff": {"factor": 3}},
+        {"dump": "crash.elf"},
+        {"dump": "{{ vm }}.elf"},
+        {"jobs_timeout": 0},
+    ],
+)
+def test_backoff_and_dump_parameter_rules(params: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        RestartParams.model_validate(params)
+
+
+def test_what_qemu_says_of_its_jobs_is_bounded_and_escaped() -> None:
+    vm = FakeQemu("guest-panicked")
+    vm.jobs = [[{"id": "x" * 500, "type": "backup\n\x1b[2J", "status": {"deep": [1]}}]]
+    with pytest.raises(TransientActionError) as caught:
+        restart(vm, {"jobs_timeout": "20ms"})
+    message = str(caught.value)
+    assert "\n" not in message and "\x1b" not in message and len(message) < 300
+    assert f"'backup\\n\\x1b[2J' job '{'x' * 64}' \"{{'deep': [1]}}\"" in message
+
+
+def test_a_vm_started_by_someone_else_during_the_backoff_is_not_reset_again() -> None:
+    guard = RestartGuard()
+    vm = FakeQemu("guest-panicked")
+    params = {"backoff": {"initial": "1s", "max": "1s"}}
+    restart(vm, params, guard=guard, ctx=make_ctx(vm, "inv-1"))
+    vm.status = "guest-panicked"
+    vm.calls.clear()
+
+    async def second() -> Any:
+        kind = make_restart_vm(guard, poll_interval=0.005)
+        running = asyncio.create_task(kind.run(RestartParams(**params), make_ctx(vm, "inv-2")))
+        await asyncio.sleep(0.3)
+        vm.status = "running"  # an operator's system_reset and cont
+        return await running
+
+    result = asyncio.run(second())
+    assert result["skipped"] == "running again" and result["streak"] == 2
+    assert vm.steps == ["query-status", "query-status"]

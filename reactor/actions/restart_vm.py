@@ -1,13 +1,18 @@
 """The ``restart_vm`` action: reset, power-cycle or quit the VM, then check it runs again.
 
-Restarts are rationed: at most ``limit`` per VM per ``window`` (counted by the
-``RestartGuard`` of the plugin instance a plugin manager registers, so each
-manager, and the reactor built on it, has its own history; retries of one
-invocation count once). Past that the action
-does nothing, raises the synthetic ``REACTOR_RESTART_SUPPRESSED`` event and
-reports itself suppressed: a restart loop is worse than a stopped VM.
-Every command carries ``cause=(rule, "restart_vm")``, so the RESET and RESUME
-events it provokes arrive marked ``caused_by`` and rules can ignore them.
+Restarts are rationed by the ``RestartGuard`` of the plugin instance a plugin
+manager registers (``_restart_guard``; each manager, and the reactor built on
+it, has its own history; retries of one invocation count once): at most
+``limit`` per VM per ``window``. Past that the action does nothing, raises the
+synthetic ``REACTOR_RESTART_SUPPRESSED`` event and reports itself suppressed: a
+restart loop is worse than a stopped VM. With ``backoff`` consecutive restarts
+of a VM wait longer each time, until it ran ``reset_after`` without one.
+
+Before the restart the action waits for the VM's block jobs and migration to
+end, and with ``dump`` has QEMU write the guest's memory to a file
+(``_restart_prep``). Every command carries ``cause=(rule, "restart_vm")``, so
+the RESET, RESUME and DUMP_COMPLETED events it provokes arrive marked
+``caused_by`` and rules can ignore them.
 """
 
 from __future__ import annotations
@@ -15,17 +20,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
-import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from reactor.actions._restart_guard import Admission, Backoff, RestartGuard
+from reactor.actions._restart_prep import dump_memory, wait_idle
 from reactor.actions._vmcall import execute, require_vm
 from reactor.actions.exec import DISABLED, last_line, refuse_unless_enabled, run_argv
-from reactor.errors import PermanentActionError, TransientActionError
+from reactor.errors import ActionError, PermanentActionError, TransientActionError
 from reactor.plugins.api import ActionContext, ActionParams, ActionType, CheckContext, Duration
 from reactor.plugins.hookspecs import Register, hookimpl
 
@@ -33,7 +37,31 @@ log = logging.getLogger(__name__)
 
 ACTION = "restart_vm"
 RESUMABLE = frozenset({"paused", "prelaunch"})
+VERIFIED = frozenset({"reset", "powerdown"})
+"""Methods after which the VM is seen running (the backoff's ``reset_after`` counts from then)."""
 POLL_INTERVAL = 0.2
+JOBS_POLLS_SLOWER = 5
+"""Jobs and migrations last minutes: ask about them every second, not five times a second."""
+
+
+class BackoffParams(ActionParams):
+    """``backoff:`` of ``restart_vm``: how consecutive restarts of a VM are spaced."""
+
+    initial: Duration = Field(10.0, gt=0, description="wait before the second restart in a row")
+    max: Duration = Field(300.0, gt=0, description="the longest wait; each doubles up to it")
+    reset_after: Duration = Field(
+        600.0, gt=0, description="a VM that ran this long since its last restart starts over"
+    )
+
+    @model_validator(mode="after")
+    def _initial_within_max(self) -> BackoffParams:
+        if self.initial > self.max:
+            raise ValueError("initial must not be longer than max")
+        return self
+
+    def backoff(self) -> Backoff:
+        """As the guard's Backoff."""
+        return Backoff(self.initial, self.max, self.reset_after)
 
 
 class RestartParams(ActionParams):
@@ -51,6 +79,17 @@ class RestartParams(ActionParams):
     )
     limit: int | None = Field(None, ge=1, description="restarts allowed per VM per window")
     window: Duration | None = Field(None, gt=0, description="the window of limit")
+    backoff: BackoffParams | None = Field(
+        None,
+        description="{initial: 10s, max: 5m, reset_after: 10m}: each restart in a row waits longer",
+    )
+    dump: str | None = Field(
+        None, min_length=2, description="file QEMU writes the guest's memory to before the restart"
+    )
+    dump_timeout: Duration = Field(300.0, gt=0, description="how long the dump may take")
+    jobs_timeout: Duration = Field(
+        600.0, gt=0, description="how long to wait for block jobs and migration to end"
+    )
 
     @model_validator(mode="after")
     def _command_iff_method_command(self) -> RestartParams:
@@ -58,32 +97,14 @@ class RestartParams(ActionParams):
             raise ValueError("command is required with method: command, and only with it")
         return self
 
-
-class RestartGuard:
-    """Counts restarts per VM in a sliding window on a monotonic clock."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._restarts: dict[str, deque[tuple[float, str]]] = {}
-        self._lock = threading.Lock()
-
-    def admit(self, vm: str, invocation_id: str, limit: int, window: float) -> tuple[bool, int]:
-        """Whether ``vm`` may restart now, and the restarts counted in the window.
-
-        An admitted restart is counted; another attempt of the same invocation is
-        admitted again without counting twice.
-        """
-        now = self._clock()
-        with self._lock:
-            entries = self._restarts.setdefault(vm, deque())
-            while entries and entries[0][0] <= now - window:
-                entries.popleft()
-            if any(inv == invocation_id for _, inv in entries):
-                return True, len(entries)
-            if len(entries) >= limit:
-                return False, len(entries)
-            entries.append((now, invocation_id))
-            return True, len(entries)
+    @field_validator("dump")
+    @classmethod
+    def _dump_is_absolute(cls, dump: str | None) -> str | None:
+        # Written absolute, a template can only steer the name below a directory the operator
+        # chose; what it renders to is checked again before the dump (_restart_prep).
+        if dump is not None and not dump.startswith("/"):
+            raise ValueError("dump must be an absolute path (templates only after a literal '/')")
+        return dump
 
 
 class _Restarter:
@@ -166,13 +187,31 @@ def make_restart_vm(
         """Restart unless rationed; verify the VM runs again (not for quit and command)."""
         if params.method == "command":
             refuse_unless_enabled(ctx.settings)
-        suppressed = _suppressed(the_guard, params, ctx)
-        if suppressed is not None:
-            return suppressed
+        vm = ctx.vm.name if ctx.vm is not None else str(ctx.envelope.get("vm", ""))
+        limit = params.limit or ctx.settings.restart_limit
+        window = params.window or ctx.settings.restart_window
+        backoff = params.backoff.backoff() if params.backoff is not None else None
+        admission = the_guard.decide(vm, ctx.invocation_id, limit, window, backoff)
+        if not admission.admitted:
+            return _suppressed(params, ctx, vm, admission.restarts, limit, window)
+        result: dict[str, Any] = {"method": params.method, "suppressed": False}
+        if backoff is not None:
+            waited, meanwhile = await _wait_due(the_guard, vm, admission, ctx)
+            result.update(streak=admission.streak, waited=round(waited, 3))
+            if meanwhile:
+                the_guard.note(vm, ctx.invocation_id, ran=True)
+                return {**result, "skipped": "running again"}
+        if ctx.vm is not None or params.method != "command":
+            await wait_idle(ctx, params.jobs_timeout, poll_interval * JOBS_POLLS_SLOWER)
+        if params.dump is not None and not admission.dumped and ctx.vm is not None:
+            result["dump"] = await _dump(params, ctx, poll_interval)
+            the_guard.note(vm, ctx.invocation_id, dumped=True)
         restarter = _Restarter(params, ctx, poll_interval)
         step: Callable[[], Awaitable[None]] = getattr(restarter, params.method)
         await step()
-        return {"method": params.method, "suppressed": False}
+        if params.method in VERIFIED:
+            the_guard.note(vm, ctx.invocation_id, ran=True)
+        return result
 
     return ActionType(
         name=ACTION,
@@ -183,15 +222,51 @@ def make_restart_vm(
     )
 
 
-def _suppressed(
-    guard: RestartGuard, params: RestartParams, ctx: ActionContext
-) -> dict[str, Any] | None:
-    limit = params.limit or ctx.settings.restart_limit
-    window = params.window or ctx.settings.restart_window
-    vm = ctx.vm.name if ctx.vm is not None else str(ctx.envelope.get("vm", ""))
-    admitted, restarts = guard.admit(vm, ctx.invocation_id, limit, window)
-    if admitted:
+async def _wait_due(
+    guard: RestartGuard, vm: str, admission: Admission, ctx: ActionContext
+) -> tuple[float, bool]:
+    """Sleep until the admitted restart is due: the seconds slept, and whether the VM
+    was restarted by someone else meanwhile (stopped before the wait, running after it)."""
+    delay = admission.due - guard.clock()
+    if delay <= 0:
+        return 0.0, False
+    log.info(
+        "restart of VM %s waits %.1fs: restart %d in a row (backoff)", vm, delay, admission.streak
+    )
+    before = await _running(ctx)
+    await asyncio.sleep(delay)
+    meanwhile = before is False and await _running(ctx) is True
+    if meanwhile:
+        log.info("restart of VM %s not needed: it was started again while it waited", vm)
+    return delay, meanwhile
+
+
+async def _running(ctx: ActionContext) -> bool | None:
+    """Whether the VM runs (None: not known, no connection)."""
+    if ctx.vm is None:
         return None
+    try:
+        reply = await execute(ctx, ACTION, "query-status")
+    except ActionError:
+        return None
+    return bool(reply.get("running")) if isinstance(reply, dict) else None
+
+
+async def _dump(params: RestartParams, ctx: ActionContext, interval: float) -> dict[str, Any]:
+    path = params.dump or ""
+    vm = require_vm(ctx).name
+    outcome = await dump_memory(ctx, path, params.dump_timeout, interval)
+    if outcome["status"] == "completed":
+        log.info("memory of VM %s dumped to %r", vm, path)
+    else:
+        error = outcome.get("error", outcome["status"])
+        log.warning("memory of VM %s not dumped to %r: %s", vm, path, error)
+    return outcome
+
+
+def _suppressed(
+    params: RestartParams, ctx: ActionContext, vm: str, restarts: int, limit: int, window: float
+) -> dict[str, Any]:
     data = {"rule": ctx.rule, "restarts": restarts, "window": window, "limit": limit}
     log.warning("restart of VM %s suppressed: %d restarts in %gs", vm, restarts, window)
     if ctx.emit is not None:
