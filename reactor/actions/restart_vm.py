@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import Field, model_validator
 
@@ -59,13 +59,37 @@ class RestartParams(ActionParams):
         return self
 
 
+class HistoryStore(Protocol):
+    """Where a guard keeps its restarts across restarts of the sidecar (wall-clock times)."""
+
+    def load(self) -> dict[str, list[tuple[float, str]]]: ...
+
+    def record(self, vm: str, when: float, invocation: str) -> None: ...
+
+
 class RestartGuard:
-    """Counts restarts per VM in a sliding window on a monotonic clock."""
+    """Counts restarts per VM in a sliding window on a monotonic clock.
+
+    With a ``store`` (``attach``) its history survives the sidecar: restarts are
+    recorded there at wall-clock times and read back when attached.
+    """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._restarts: dict[str, deque[tuple[float, str]]] = {}
         self._lock = threading.Lock()
+        self._store: HistoryStore | None = None
+
+    def attach(self, store: HistoryStore) -> None:
+        """Keep the history in ``store`` from now on, taking in what it holds."""
+        skew = self._clock() - time.time()  # wall-clock time + skew = our clock's time
+        with self._lock:
+            for vm, entries in store.load().items():
+                known = self._restarts.setdefault(vm, deque())
+                seen = {inv for _, inv in known}
+                fresh = [(when + skew, inv) for when, inv in entries if inv not in seen]
+                self._restarts[vm] = deque(sorted([*known, *fresh]))
+            self._store = store
 
     def admit(self, vm: str, invocation_id: str, limit: int, window: float) -> tuple[bool, int]:
         """Whether ``vm`` may restart now, and the restarts counted in the window.
@@ -83,6 +107,8 @@ class RestartGuard:
             if len(entries) >= limit:
                 return False, len(entries)
             entries.append((now, invocation_id))
+            if self._store is not None:
+                self._store.record(vm, time.time(), invocation_id)
             return True, len(entries)
 
 

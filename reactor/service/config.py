@@ -123,6 +123,9 @@ class Config(_Strict):
     listen: str | None = None
     vms: list[VmConfig] = Field(default_factory=list)
     qemu_stage: bool = True
+    engine_state: bool = True
+    """Keep the engine's windows, held events and the restart guard's history in the state
+    directory across restarts (``reactor.service.enginestate``)."""
     qemu_versions: list[str] = Field(default_factory=list)
     """The QEMU releases the site runs: ``check --config`` judges the rules against them."""
     greeting_timeout: float = 5.0

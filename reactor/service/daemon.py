@@ -189,6 +189,7 @@ class Daemon:
             vm_lookup=self.conns.get,
             emit=self._emit,
             redactor=self.redactor,
+            keep_state=cfg.engine_state,
         )
         await gen.plugins.startup(gen.settings)
         await self.reactor.start()

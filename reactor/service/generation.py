@@ -28,7 +28,9 @@ from reactor.service.loader import rule_paths
 from reactor.service.permissions import obeyed_paths_warnings
 from reactor.service.render import Renderer
 
-RESTART_SETTINGS = ("state_dir", "listen", "qemu_stage", "greeting_timeout", "reconnect_max")
+RESTART_SETTINGS = (
+    "state_dir", "listen", "qemu_stage", "greeting_timeout", "reconnect_max", "engine_state",
+)  # fmt: skip
 """Settings a running sidecar keeps until it restarts: a reload that changes one is refused."""
 
 
