@@ -7,10 +7,23 @@ Flags override the file. ``Config()`` with no file is a working default.
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from reactor.durations import parse_duration
 from reactor.errors import ConfigError, Diagnostic, Location, RuleError
@@ -98,11 +111,32 @@ class ActionsConfig(_Strict):
         )
 
 
-class VmConfig(_Strict):
-    """One VM: its QMP address and the name rules see."""
+LabelValue = StrictStr | StrictBool | StrictInt | StrictFloat
 
-    address: str
+
+class VmConfig(_Strict):
+    """One VM: its QMP address and the name rules see, and labels rules see as ``$.labels``.
+
+    Without ``address``, ``name`` is a glob: its labels go to every VM it matches.
+    """
+
+    address: str | None = None
     name: str | None = None
+    labels: dict[str, LabelValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _address_or_name(self) -> VmConfig:
+        if self.address is None and self.name is None:
+            raise ValueError("a VM needs an address or a name (a glob, to give labels)")
+        if self.address is None and not self.labels:
+            raise ValueError(f"VM {self.name!r} has no address: it is here for its labels")
+        return self
+
+    def gives(self, name: str, address: str) -> bool:
+        """Whether this entry's labels go to the VM ``name`` at ``address``."""
+        if self.address is not None:
+            return self.address == address and (self.name is None or self.name == name)
+        return self.name is not None and fnmatch.fnmatchcase(name, self.name)
 
 
 class MetricsConfig(_Strict):
@@ -150,7 +184,19 @@ class Config(_Strict):
 
     def vm_names(self) -> dict[str, str]:
         """Address → name for the VMs the file names."""
-        return {vm.address: vm.name for vm in self.vms if vm.name}
+        return {vm.address: vm.name for vm in self.vms if vm.name and vm.address}
+
+    def labels_of(self, name: str, address: str) -> Mapping[str, Any]:
+        """The labels of the VM ``name`` at ``address``: every matching entry's, later ones win."""
+        labels: dict[str, Any] = {}
+        for vm in self.vms:
+            if vm.labels and vm.gives(name, address):
+                labels.update(vm.labels)
+        return labels
+
+    def label_names(self) -> frozenset[str]:
+        """Every label name some VM entry defines (``check`` knows them)."""
+        return frozenset(name for vm in self.vms for name in vm.labels)
 
 
 def _locate(node: Any, loc: tuple[Any, ...], fallback: Location) -> Location:

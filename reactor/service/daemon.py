@@ -180,6 +180,7 @@ class Daemon:
             names=gen.vm_names(),
             greeting_timeout=cfg.greeting_timeout,
             backoff_max=cfg.reconnect_max,
+            labels=cfg.labels_of if cfg.vms else None,
         )
         self.reactor = Reactor.for_generation(
             gen,
@@ -318,6 +319,7 @@ class Daemon:
         assert conns is not None
         old_names, new_names = old.vm_names(), new.vm_names()
         conns.rename(new_names)
+        conns.relabel(new.config.labels_of if new.config.vms else None)
         dropped = {
             address
             for address in old.sockets
