@@ -12,6 +12,8 @@ import contextlib
 import json
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -182,3 +184,25 @@ def test_labels_from_the_configuration_select_rules(tmp_path: Path) -> None:
         stop_and_go(qemu, sidecar, 1)
         sidecar.wait_log('rule="dev-stop" .*message="dev dev True"', LONG)
     assert sidecar.log_text().count('rule="prod-stop"') == 1
+
+
+def test_check_knows_the_label_names_the_configuration_defines(tmp_path: Path) -> None:
+    typo = logged("typo", "x", when={"path": "$.labels.teir", "equals": "prod"})
+    fine = logged("fine", "x", throttle={"mode": "once_within", "window": "1m",
+                                         "key": ["$.labels.tier"]})  # fmt: skip
+    rules = write_rules(tmp_path / "rules.yaml", typo, fine)
+    config = tmp_path / "config.yaml"
+    config.write_text("vms:\n  - {name: 'web-*', labels: {tier: prod}}\n  - {name: x}\n")
+    command = [sys.executable, "-m", "reactor", "check", str(rules), "--config", str(config),
+               "--plugin-dir", str(tmp_path / "none")]  # fmt: skip
+    bad = subprocess.run(command, capture_output=True, text=True, timeout=LONG)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert f"{config}:3:5: error:" in bad.stdout + bad.stderr  # an entry for nothing
+    config.write_text("vms:\n  - {name: 'web-*', labels: {tier: prod}}\n")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=LONG)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "rule 'typo' reads $.labels.teir" in out and "did you mean 'tier'?" in out
+    assert "'fine'" not in out
+    strict = subprocess.run([*command, "--strict"], capture_output=True, text=True, timeout=LONG)
+    assert strict.returncode == 1
