@@ -3,7 +3,7 @@
 Prints the machine, then one table of medians over several runs. Where a ratio
 is quoted, its baseline ran in the same process, alternately with the thing
 measured, so the ratio holds even on a shared, noisy machine. NAMEs (default:
-all): replay, startup, live, latency, isolation, scale, hostile. ``--quick`` runs fewer
+all): replay, startup, live, latency, isolation, scale, hostile, state. ``--quick`` runs fewer
 events and fewer runs (a smoke test; quote the full run). docs/performance.md
 has the latest table and what each figure means.
 """
@@ -22,13 +22,13 @@ sys.path.insert(0, str(HERE))
 
 from common import Row, machine, print_table  # noqa: E402
 
-NAMES = ("replay", "startup", "live", "latency", "isolation", "scale", "hostile")
+NAMES = ("replay", "startup", "live", "latency", "isolation", "scale", "hostile", "state")
 
 
 def plan(quick: bool) -> dict[str, Callable[[], list[Row]]]:
     """What each name runs, at full or quick size."""
     from bench_hostile import bench_hostile
-    from bench_live import bench_isolation, bench_latency, bench_throughput
+    from bench_live import bench_isolation, bench_latency, bench_state, bench_throughput
     from bench_replay import bench_replay
     from bench_scale import bench_scale
     from bench_startup import bench_startup
@@ -39,6 +39,7 @@ def plan(quick: bool) -> dict[str, Callable[[], list[Row]]]:
         "startup": lambda: bench_startup(runs),
         "live": lambda: bench_throughput(100_000 if quick else 300_000, runs),
         "latency": lambda: bench_latency(3 if quick else 10, runs),
+        "state": lambda: bench_state(100_000 if quick else 300_000, 3 if quick else 10, runs),
         "isolation": lambda: bench_isolation(3 if quick else 10, runs),
         "scale": lambda: bench_scale(200_000 if quick else 1_000_000, 1 if quick else 3),
         "hostile": lambda: bench_hostile(3 if quick else 10, 1 if quick else 3),

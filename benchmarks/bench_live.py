@@ -101,3 +101,28 @@ def bench_isolation(seconds: float, runs: int) -> list[Row]:
             f"+{extra:.2f} ms over alone ({median(alone):.2f} ms); runs {spread(flooded)}",
             f"+ <= {ISOLATION_TARGET_MS:g} ms", verdict(extra <= ISOLATION_TARGET_MS)),
     ]  # fmt: skip
+
+
+def bench_state(total: int, seconds: float, runs: int) -> list[Row]:
+    """Durable engine state's cost: windowed rules with and without it, runs alternated."""
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    p99s: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(runs):
+        for durable in (False, True):
+            rates[durable].append(throughput(1, total, True, state=durable).rate)
+            p99s[durable].append(_p(latency(1000, seconds, True, state=durable), 0.99))
+    rows = []
+    for durable in (False, True):
+        where = "engine state durable" if durable else "engine state in memory"
+        rate, p99 = median(rates[durable]), median(p99s[durable])
+        rows.append(
+            Row(f"state: 1 connection, windowed rules, {where}", f"{rate:,.0f} ev/s",
+                f"p99 {p99:.2f} ms at 1,000 ev/s; runs {spread(rates[durable])}", "", "")
+        )  # fmt: skip
+    cost = 1 - median(rates[True]) / median(rates[False])
+    extra = median(p99s[True]) - median(p99s[False])
+    rows.append(
+        Row("state: cost of durable engine state", f"{cost:+.1%} ev/s",
+            f"p99 {extra:+.2f} ms", "<= 10% ev/s", verdict(cost <= 0.10))
+    )  # fmt: skip
+    return rows

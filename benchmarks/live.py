@@ -42,6 +42,20 @@ BENCH_RULE = """rules:
 """
 
 
+STATE_RULES = """rules:
+  - name: bench-first
+    description: The first SUSPEND of a VM a minute (a once_within window per VM).
+    on: [SUSPEND]
+    throttle: {mode: once_within, window: 1m, key: [$.vm]}
+    actions: [{type: log}]
+  - name: bench-settle
+    description: The last SUSPEND of each second per VM (a held event replaced every event).
+    on: [SUSPEND]
+    throttle: {mode: once_after, window: 1s, key: [$.vm]}
+    actions: [{type: log}]
+"""
+
+
 class _NoParams(BaseModel):
     pass
 
@@ -166,10 +180,14 @@ class LiveResult:
 class Rig:
     """A reactor with its connections to a peer process, for one scenario."""
 
-    def __init__(self, tmp: Path, vms: list[dict[str, Any]], journal: bool) -> None:
+    def __init__(
+        self, tmp: Path, vms: list[dict[str, Any]], journal: bool, state: bool | None = None
+    ) -> None:
         self.tmp = tmp
         self.vms = vms
         self.journal = journal
+        self.state = state
+        """None: no windowed rules; else ``STATE_RULES`` too, their state durable or not."""
         self.recorder = Recorder()
         self.connected: set[str] = set()
         self.all_connected = asyncio.Event()
@@ -201,6 +219,8 @@ class Rig:
 
         rules_dir = write_rules(self.tmp / "rules", 100)
         (rules_dir / "bench.yaml").write_text(BENCH_RULE)
+        if self.state is not None:
+            (rules_dir / "state.yaml").write_text(STATE_RULES)
         types = load_plugins(plugin_dirs=(), load_entry_points=False).action_types()
         types["bench_noop"] = ActionType("bench_noop", _NoParams, self.recorder.run)
         rules, _ = require_rules([rules_dir], action_types=types)
@@ -214,6 +234,7 @@ class Rig:
             clock=AsyncioClock(),
             state_dir=self.tmp / "state" if self.journal else None,
             vm_lookup=self.conns.lookup,
+            keep_state=bool(self.state),
         )
         await self.reactor.start()
         self.conns.pace = self.reactor.backpressure  # as the daemon: overload slows readers
@@ -253,11 +274,12 @@ async def scenario(
     expected: int,
     journal: bool,
     prepare: Callable[[Rig], None] | None = None,
+    state: bool | None = None,
 ) -> LiveResult:
     """One scenario on a fresh rig, the reactor pinned to its own core."""
     mine, theirs = cpus()
     with tempfile.TemporaryDirectory(prefix="qr-bench-") as tmp, pinned(mine):
-        rig = Rig(Path(tmp), vms, journal)
+        rig = Rig(Path(tmp), vms, journal, state)
         try:
             await rig.start(theirs)
             if prepare is not None:
@@ -275,10 +297,14 @@ def flood_plan(connections: int, per_connection: int) -> list[dict[str, Any]]:
     ]
 
 
-def throughput(connections: int, total: int, journal: bool) -> LiveResult:
-    """Events per second through the whole path, ``total`` events over ``connections``."""
+def throughput(
+    connections: int, total: int, journal: bool, state: bool | None = None
+) -> LiveResult:
+    """Events per second through the whole path, ``total`` events over ``connections``
+    (``state``: with windowed rules, their state durable or not)."""
     per = total // connections
-    return asyncio.run(scenario(flood_plan(connections, per), per * connections, journal))
+    plan = flood_plan(connections, per)
+    return asyncio.run(scenario(plan, per * connections, journal, state=state))
 
 
 def rate_vm(rate: float, seconds: float) -> dict[str, Any]:
@@ -286,12 +312,14 @@ def rate_vm(rate: float, seconds: float) -> dict[str, Any]:
     return {"name": "quiet", "kind": "rate", "event": "SUSPEND", "rate": rate, "seconds": seconds}
 
 
-def latency(rate: float, seconds: float, journal: bool, flood: bool = False) -> LiveResult:
+def latency(
+    rate: float, seconds: float, journal: bool, flood: bool = False, state: bool | None = None
+) -> LiveResult:
     """Latencies of the quiet VM's events; with ``flood``, another VM floods BLOCK_IO_ERROR."""
     vms = [rate_vm(rate, seconds)]
     if flood:
         vms.append({"name": "flooder", "kind": "flood", "event": "BLOCK_IO_ERROR"})
-    return asyncio.run(scenario(vms, int(rate * seconds), journal))
+    return asyncio.run(scenario(vms, int(rate * seconds), journal, state=state))
 
 
 async def _bare_latency(rate: float, seconds: float) -> list[int]:

@@ -37,7 +37,17 @@ from reactor.sources.manager import ConnectionManager, VmConnection
 from tests import fakeqmp
 from tests.fakeqmp import FakeQmp, Peer
 
-ENVELOPE_KEYS = {"event", "data", "timestamp", "vm", "host", "source", "seq", "received_at"}
+ENVELOPE_KEYS = {
+    "event",
+    "data",
+    "timestamp",
+    "vm",
+    "host",
+    "source",
+    "seq",
+    "received_at",
+    "labels",
+}
 FAST: dict[str, Any] = {"greeting_timeout": 0.3, "backoff_max": 0.1}
 
 

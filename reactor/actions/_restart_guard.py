@@ -111,6 +111,15 @@ class RestartGuard:
         self.history: RestartHistory = MemoryHistory() if history is None else history
         self._lock = threading.Lock()
 
+    def attach(self, history: RestartHistory, clock: Callable[[], float] = time.time) -> None:
+        """Keep restarts in ``history`` from now on, timed by ``clock`` (a durable history's
+        times must mean the same after a restart of the sidecar: the wall clock).
+
+        Call it before the first restart: what the previous history held stays there.
+        """
+        with self._lock:
+            self.history, self.clock = history, clock
+
     def admit(self, vm: str, invocation_id: str, limit: int, window: float) -> tuple[bool, int]:
         """Whether ``vm`` may restart now, and the restarts counted in the window (no backoff)."""
         answer = self.decide(vm, invocation_id, limit, window)

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from reactor.actions._restart_guard import Admission, Backoff, RestartGuard
+from reactor.actions._restart_guard import Restart as Restart  # for durable histories
 from reactor.actions._restart_prep import dump_memory, wait_idle
 from reactor.actions._vmcall import execute, require_vm
 from reactor.actions.exec import DISABLED, last_line, refuse_unless_enabled, run_argv

@@ -11,10 +11,11 @@ the same code runs on the live clock and on replay's virtual clock.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from reactor.clock import Clock
+from reactor.engine import state
 from reactor.engine.correlation import Correlator
 from reactor.engine.gates import QemuStage, RuleGate
 from reactor.engine.routes import Route, compile_route
@@ -122,10 +123,32 @@ class Engine:
         """Correlated firsts waiting for a follower or their deadline."""
         return sum(len(c) for c in self._correlators.values())
 
+    def stateful(self) -> Iterator[tuple[Rule, RuleGate | None, Correlator | None]]:
+        """Each rule with a state: its gate (threshold, throttle) and its pending firsts."""
+        for rule in self.rules.rules:
+            gate, pending = self._gates.get(rule.name), self._correlators.get(rule.name)
+            if gate is not None or pending is not None:
+                yield rule, gate, pending
+
     def swap_rules(self, rules: RuleSet) -> None:
-        """Use a new, fully validated rule set; window state of the old one is dropped."""
+        """Use a new, fully validated rule set.
+
+        A rule whose state has the same shape in both (``reactor.engine.state``)
+        keeps its windows, held events and pending firsts; the others start
+        afresh, while what the old ones hold still goes out at its time.
+        """
+        now = self.clock.now()
+        parts = state.dump(self, now)
+        parts.pop(state.STAGE, None)  # the stage is not the rules': it stays as it is
+        old = list(self.stateful())
         self.rules = rules
         self._make_gates()
+        carried = set(state.restore(self, parts, now))
+        for rule, gate, pending in old:
+            if gate is not None and state.part_name("gate", rule) in carried:
+                gate.close()
+            if pending is not None and state.part_name("pending", rule) in carried:
+                pending.close()
 
     def held(self) -> list[Held]:
         """Everything waiting for a window's end: QEMU's stage first, then each rule's throttle.

@@ -22,11 +22,12 @@ come from guest data, and a first past the bound is ignored and counted.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 from reactor.clock import Clock, TimerHandle
 from reactor.engine.gates import _keyfunc
+from reactor.engine.windowsets import thaw
 from reactor.model import Correlation, Envelope, Rule
 
 PENDING_LIMIT = 65536
@@ -118,9 +119,28 @@ class Correlator:
             return f"ignored as a first: {PENDING_LIMIT} firsts are pending"
         now = self._clock.now()
         until = now + self._corr.within
-        timer = self._clock.call_at(until, lambda: self._deadline(key))
-        self._pending[key] = _Pending(env, now, timer)
+        self._pend(key, env, now)
         return f"pending since {_t(now)}: waiting until {_t(until)} for {self._followers()}"
+
+    def _pend(self, key: Hashable, env: Envelope, since: float) -> None:
+        timer = self._clock.call_at(since + self._corr.within, lambda: self._deadline(key))
+        self._pending[key] = _Pending(env, since, timer)
+
+    def dump(self, base: float) -> list[list[Any]]:
+        """The pending firsts as JSON-able rows ``[key, envelope, since]`` (since - ``base``)."""
+        return [[key, p.env, p.since - base] for key, p in self._pending.items()]
+
+    def restore(self, rows: Iterable[list[Any]], base: float) -> None:
+        """Take back pending firsts; those whose deadline passed meanwhile end now."""
+        for key, env, since in rows:
+            frozen = thaw(key)
+            if frozen not in self._pending and len(self._pending) < PENDING_LIMIT:
+                self._pend(frozen, env, base + since)
+
+    def close(self) -> None:
+        """Cancel every deadline: the pending firsts live on elsewhere."""
+        for pending in self._pending.values():
+            pending.timer.cancel()
 
     def push(self, env: Envelope) -> None:
         """``first`` for the compiled routes, which ignore the reason."""

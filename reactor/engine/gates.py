@@ -182,6 +182,20 @@ class QemuStage:
         """The events held for their window's end (what a stop now would lose)."""
         return self._windows.held()
 
+    def dump(self, base: float) -> dict[str, Any]:
+        """The stage's windows and each VM's release, JSON-able (times relative to ``base``)."""
+        return {
+            "windows": self._windows.dump(base),
+            "vms": {vm: [release, why] for vm, (_, release, why) in self._vms.items()},
+        }
+
+    def restore(self, doc: Mapping[str, Any], base: float) -> None:
+        """Take back what ``dump`` wrote; held events whose window ended go out now."""
+        for vm, (release, why) in doc.get("vms", {}).items():
+            if release in self._tables and not self._pinned:
+                self._vms[vm] = (self._tables[release], release, why)
+        self._windows.restore(doc.get("windows", ()), base)
+
     @property
     def holds(self) -> int:
         """Events held for later (each one either went out later or was replaced)."""
@@ -263,6 +277,27 @@ class RuleGate:
     def held(self) -> list[tuple[Envelope, int]]:
         """The matched events its throttle holds for its windows' ends (once_after, qemu)."""
         return self._throttle.held() if self._throttle is not None else []
+
+    def dump(self, base: float) -> dict[str, Any]:
+        """The threshold's and the throttle's windows, JSON-able (times relative to ``base``)."""
+        return {
+            "threshold": self._threshold.dump(base) if self._threshold is not None else [],
+            "throttle": self._throttle.dump(base) if self._throttle is not None else [],
+        }
+
+    def restore(self, doc: Mapping[str, Any], base: float) -> None:
+        """Take back what ``dump`` wrote (of a rule of the same shape)."""
+        if self._threshold is not None:
+            self._threshold.restore(doc.get("threshold", ()), base)
+        if self._throttle is not None:
+            self._throttle.restore(doc.get("throttle", ()), base)
+
+    def close(self) -> None:
+        """Cancel the gate's timers: its state lives on elsewhere."""
+        if self._threshold is not None:
+            self._threshold.close()
+        if self._throttle is not None:
+            self._throttle.close()
 
     def __len__(self) -> int:
         live = len(self._threshold) if self._threshold is not None else 0

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Hashable, Iterable
+from operator import itemgetter
+from typing import Any, Generic, TypeVar
 
 from reactor.clock import Clock, TimerHandle
 from reactor.model import Envelope
@@ -64,6 +65,22 @@ class _Tally(_Slot):
 
 
 S = TypeVar("S", bound=_Slot)
+
+Row = list[Any]
+"""One window as durable state: ``[key, vm, end, env, count, times]``, times relative to a base."""
+
+
+def thaw(key: Any) -> Hashable:
+    """A key read back from JSON: its lists become the tuples they were."""
+    if isinstance(key, list):
+        return tuple(thaw(part) for part in key)
+    return key  # type: ignore[no-any-return]
+
+
+def _row(key: Hashable, slot: _Slot, base: float) -> Row:
+    times = getattr(slot, "times", None)
+    ago = [t - base for t in times] if times is not None else None
+    return [key, slot.vm, slot.end - base, slot.env, slot.count, ago]
 
 
 class Windows(Generic[S]):
@@ -105,6 +122,40 @@ class Windows(Generic[S]):
     def held(self) -> list[tuple[Envelope, int]]:
         """The events waiting for their window's end, with the events each stands for."""
         return [(s.env, s.count) for s in self._slots.values() if s.env is not None]
+
+    def dump(self, base: float) -> list[Row]:
+        """The open windows as JSON-able rows, their times relative to ``base``."""
+        self._settle(self._clock.now(), False)
+        return [_row(key, slot, base) for key, slot in self._slots.items()]
+
+    def restore(self, rows: Iterable[Row], base: float) -> None:
+        """Open the windows ``dump`` wrote (times relative to ``base`` on this clock).
+
+        Windows that ended meanwhile end at once: a held event goes out now.
+        """
+        entries = list(self._due)
+        for key, vm, end, env, count, times in rows:
+            slot = self._make(vm, base + end)
+            slot.env, slot.count = env, count
+            frozen = thaw(key)
+            self._slots[frozen] = slot
+            entries.append((slot.end, frozen))
+            for t in times or ():
+                slot.times.append(base + t)  # type: ignore[attr-defined]
+                entries.append((base + t + self.window, frozen))
+        self._due = deque(sorted(entries, key=itemgetter(0)))
+        if self._due:
+            when = self._next_on_time()
+            self._arm(self._due[0][0] + self.window if when is None else when)
+
+    def close(self) -> None:
+        """Cancel the set's timer: nothing of it happens any more (its state was carried)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _make(self, vm: str, end: float) -> S:
+        raise NotImplementedError
 
     def _open(self, key: Hashable, slot: S) -> None:
         """Register ``slot`` (its ``end`` set) as ``key``'s window."""
@@ -189,6 +240,9 @@ class Throttle(Windows[_Slot]):
         """None if ``env`` passes now (the caller sends it); else why not (for --explain)."""
         raise NotImplementedError
 
+    def _make(self, vm: str, end: float) -> _Slot:
+        return _Slot(vm, end)
+
 
 class Rotating(Throttle):
     """Throttle windows forgotten a generation at a time: no work per window that ends empty.
@@ -229,6 +283,28 @@ class Rotating(Throttle):
         """The events waiting for their window's end, with the events each stands for."""
         slots = [*self._old.values(), *self._slots.values()]
         return [(s.env, s.count) for s in slots if s.env is not None]
+
+    def dump(self, base: float) -> list[Row]:
+        """The windows still open or holding an event, times relative to ``base``."""
+        now = self._clock.now()
+        return [
+            _row(key, slot, base)
+            for gen in (self._old, self._slots)
+            for key, slot in gen.items()
+            if slot.env is not None or slot.end > now
+        ]
+
+    def restore(self, rows: Iterable[Row], base: float) -> None:
+        """Open the windows ``dump`` wrote; a held event whose window ended goes out now."""
+        for key, vm, end, env, count, _ in rows:
+            slot = _Slot(vm, base + end, env, count)
+            frozen = thaw(key)
+            self._open(frozen, slot)
+            if env is not None:
+                self._restored(frozen, slot)
+
+    def _restored(self, key: Hashable, slot: _Slot) -> None:
+        """A restored window holds an event (only the QEMU algorithm holds any)."""
 
     def _find(self, key: Hashable) -> _Slot | None:
         slot = self._slots.get(key)
@@ -299,6 +375,10 @@ class QemuWindows(Rotating):
         slot.vm = env["vm"]
         slot.count += 1
         return self._reason
+
+    def _restored(self, key: Hashable, slot: _Slot) -> None:
+        heapq.heappush(self._held, (slot.end, slot.seq, key, slot))
+        self._wake(slot.end)
 
     def _ends_due(self, now: float) -> None:
         held = self._held
@@ -410,6 +490,9 @@ class Threshold(Windows[_Tally]):
         window = self.window
         while times and times[0] + window <= now:
             times.popleft()
+
+    def _make(self, vm: str, end: float) -> _Tally:
+        return _Tally(vm, end)
 
     def _over(self, slot: _Tally, now: float) -> bool:
         """Whether a state whose ``end`` is due has no event left by ``now`` (else: extend it).

@@ -7,12 +7,26 @@ Flags override the file. ``Config()`` with no file is a working default.
 
 from __future__ import annotations
 
+import fnmatch
 import grp
 import pwd
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from reactor.durations import parse_duration
 from reactor.errors import ConfigError, Diagnostic, Location, RuleError
@@ -101,11 +115,32 @@ class ActionsConfig(_Strict):
         )
 
 
-class VmConfig(_Strict):
-    """One VM: its QMP address and the name rules see."""
+LabelValue = StrictStr | StrictBool | StrictInt | StrictFloat
 
-    address: str
+
+class VmConfig(_Strict):
+    """One VM: its QMP address and the name rules see, and labels rules see as ``$.labels``.
+
+    Without ``address``, ``name`` is a glob: its labels go to every VM it matches.
+    """
+
+    address: str | None = None
     name: str | None = None
+    labels: dict[str, LabelValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _address_or_name(self) -> VmConfig:
+        if self.address is None and self.name is None:
+            raise ValueError("a VM needs an address or a name (a glob, to give labels)")
+        if self.address is None and not self.labels:
+            raise ValueError(f"VM {self.name!r} has no address: it is here for its labels")
+        return self
+
+    def gives(self, name: str, address: str) -> bool:
+        """Whether this entry's labels go to the VM ``name`` at ``address``."""
+        if self.address is not None:
+            return self.address == address and (self.name is None or self.name == name)
+        return self.name is not None and fnmatch.fnmatchcase(name, self.name)
 
 
 class MetricsConfig(_Strict):
@@ -184,6 +219,9 @@ class Config(_Strict):
     listener: ListenerConfig = Field(default_factory=ListenerConfig)
     vms: list[VmConfig] = Field(default_factory=list)
     qemu_stage: bool = True
+    engine_state: bool = True
+    """Keep the engine's windows, held events and the restart guard's history in the state
+    directory across restarts (``reactor.service.enginestate``)."""
     qemu_versions: list[str] = Field(default_factory=list)
     """The QEMU releases the site runs: ``check --config`` judges the rules against them."""
     greeting_timeout: float = 5.0
@@ -210,7 +248,19 @@ class Config(_Strict):
 
     def vm_names(self) -> dict[str, str]:
         """Address → name for the VMs the file names."""
-        return {vm.address: vm.name for vm in self.vms if vm.name}
+        return {vm.address: vm.name for vm in self.vms if vm.name and vm.address}
+
+    def labels_of(self, name: str, address: str) -> Mapping[str, Any]:
+        """The labels of the VM ``name`` at ``address``: every matching entry's, later ones win."""
+        labels: dict[str, Any] = {}
+        for vm in self.vms:
+            if vm.labels and vm.gives(name, address):
+                labels.update(vm.labels)
+        return labels
+
+    def label_names(self) -> frozenset[str]:
+        """Every label name some VM entry defines (``check`` knows them)."""
+        return frozenset(name for vm in self.vms for name in vm.labels)
 
 
 def _locate(node: Any, loc: tuple[Any, ...], fallback: Location) -> Location:

@@ -185,6 +185,7 @@ class Daemon:
             greeting_timeout=cfg.greeting_timeout,
             backoff_max=cfg.reconnect_max,
             reconcile=cfg.reconcile,
+            labels=cfg.labels_of if cfg.vms else None,
         )
         self.reactor = Reactor.for_generation(
             gen,
@@ -194,6 +195,7 @@ class Daemon:
             vm_lookup=self.conns.lookup,
             emit=self._emit,
             redactor=self.redactor,
+            keep_state=cfg.engine_state,
         )
         await gen.plugins.startup(gen.settings)
         await self.reactor.start()
@@ -323,6 +325,7 @@ class Daemon:
         assert conns is not None
         old_names, new_names = old.vm_names(), new.vm_names()
         conns.rename(new_names)
+        conns.relabel(new.config.labels_of if new.config.vms else None)
         dropped = {
             address
             for address in old.sockets

@@ -24,6 +24,7 @@ from reactor.plugins.manager import Plugins, load_plugins
 from reactor.rules.compiler import load_rules
 from reactor.rules.ruleset import RuleSet
 from reactor.service.config import Config, load_config
+from reactor.service.labels import label_warnings
 from reactor.service.loader import rule_paths
 from reactor.service.permissions import obeyed_paths_warnings
 from reactor.service.render import Renderer
@@ -35,6 +36,7 @@ RESTART_SETTINGS = (
     "greeting_timeout",
     "reconnect_max",
     "reconcile",
+    "engine_state",
 )
 """Settings a running sidecar keeps until it restarts: a reload that changes one is refused."""
 
@@ -177,6 +179,8 @@ def load_generation(
     )
     if any(d.severity == "error" for d in diags):
         raise RuleError("invalid rules", diags)
+    if opts.config is not None:  # the site's configuration: its labels are all there are
+        diags = [*diags, *label_warnings(list(rules.rules), cfg.label_names())]
     return Generation(
         config=cfg,
         config_file=opts.config,

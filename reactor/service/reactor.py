@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from reactor.actions import restart_vm
 from reactor.clock import Clock
 from reactor.dispatch.attempts import Render
 from reactor.dispatch.dispatcher import Dispatcher
@@ -35,6 +36,7 @@ from reactor.rules.catalog import load_catalog, qemu_version_of
 from reactor.rules.ruleset import RuleSet
 from reactor.rules.versions import release_problems, targets
 from reactor.service.config import Config
+from reactor.service.enginestate import RestartHistoryStore, StateFile, StateKeeper, state_path
 from reactor.service.generation import Generation
 from reactor.service.render import Renderer
 from reactor.sources.vm import hostname, qemu_timestamp
@@ -116,6 +118,7 @@ class Reactor:
         emit: Callable[[str, str, dict[str, Any], str | None], None] | None = None,
         sleep: Any = None,
         redactor: Redactor | None = None,
+        keep_state: bool = False,
     ) -> None:
         self.config = config
         self.redactor = Redactor() if redactor is None else redactor
@@ -156,6 +159,19 @@ class Reactor:
         )
         self._seq = 0
         self._warned: set[tuple[str, str]] = set()  # (VM, QEMU version) already judged
+        self.state: StateKeeper | None = None
+        """Keeps the engine's windows (and the restart guard's history) across restarts."""
+        if keep_state and state_dir is not None:
+            self.state = StateKeeper(self.engine, StateFile(state_path(state_dir)))
+
+    def keep_plugins_state(self, plugins: list[object]) -> None:
+        """Give the state file to the plugins that keep state in it (the restart guard)."""
+        if self.state is None:
+            return
+        store = RestartHistoryStore(self.state.file)
+        for plugin in plugins:
+            if isinstance(plugin, restart_vm.Plugin):
+                plugin.guard.attach(store)
 
     @classmethod
     def for_generation(cls, gen: Generation, *, clock: Clock, **kwargs: Any) -> Reactor:
@@ -163,10 +179,12 @@ class Reactor:
         ``state_dir`` defaults to the generation's)."""
         kwargs.setdefault("state_dir", gen.state_dir)
         kwargs.setdefault("redactor", gen.renderer.resolver.redactor)
-        return cls(
+        reactor = cls(
             config=gen.config, rules=gen.rules, action_types=gen.action_types,
             settings=gen.settings, render=gen.renderer, clock=clock, **kwargs,
         )  # fmt: skip
+        reactor.keep_plugins_state(gen.plugins.plugin_objects())
+        return reactor
 
     def use(self, gen: Generation, observe: Callable[[Envelope], None] | None) -> None:
         """Run ``gen`` from now on (its ``qemu_stage`` must be this one's: that needs a restart).
@@ -182,6 +200,7 @@ class Reactor:
             max_concurrency=acts.max_concurrency, per_type_limits=acts.limits,
         )  # fmt: skip
         self.engine.observe = observe
+        self.keep_plugins_state(gen.plugins.plugin_objects())
         self.swap_rules(gen.rules)
 
     def feed(self, env: Envelope) -> None:
@@ -222,11 +241,19 @@ class Reactor:
         self._warned.clear()  # the new rules are judged at each VM's next connect
 
     async def start(self) -> None:
-        """Start the dispatcher, resuming what the journal left unfinished."""
+        """Start the dispatcher, resuming what the journal left unfinished, then take back
+        the engine's state (what ended while the sidecar was down goes out now)."""
         await self.dispatcher.start()
+        if self.state is not None:
+            self.state.restore()
+            self.state.start()
 
     async def stop(self, grace: float) -> None:
         """No new actions; in-flight ones get ``grace`` seconds; the rest stay journaled."""
+        if self.state is not None:
+            await self.state.stop()
         await self.dispatcher.shutdown(grace)
         if self.journal is not None:
             self.journal.close()
+        if self.state is not None:
+            self.state.file.close()

@@ -41,7 +41,7 @@ from reactor.sources.discovery import (
 )
 from reactor.sources.server import ListenPolicy, PeerInfo
 from reactor.sources.session import MAX_MESSAGE, Pace, QmpLink
-from reactor.sources.vm import OnEnvelope, OnState, SessionFailed, VmConnection
+from reactor.sources.vm import Labels, OnEnvelope, OnState, SessionFailed, VmConnection
 
 __all__ = ["ConnectionManager", "VmConnection"]
 
@@ -76,9 +76,11 @@ class ConnectionManager:
         max_message: int = MAX_MESSAGE,
         pace: Pace | None = None,
         reconcile: float = 0.0,
+        labels: Labels | None = None,
     ) -> None:
         self._on_envelope = on_envelope
         self._names = dict(names or {})
+        self._labels = labels
         self._options: dict[str, Any] = {
             "greeting_timeout": greeting_timeout,
             "backoff_max": backoff_max,
@@ -131,6 +133,12 @@ class ConnectionManager:
     def rename(self, names: Mapping[str, str]) -> None:
         """Address → VM name for connections made from now on (existing ones keep theirs)."""
         self._names = dict(names)
+
+    def relabel(self, labels: Labels | None) -> None:
+        """Where each VM's labels come from, for every connection from now on."""
+        self._labels = labels
+        for vm in self._conns.values():
+            vm.labels = labels(vm.name, vm.address) if labels is not None else {}
 
     # -- explicit addresses -----------------------------------------------------------
 
@@ -251,6 +259,8 @@ class ConnectionManager:
     def _new(self, address: str, name: str) -> VmConnection:
         seq = self._seqs.pop(self._seq_keys.get(address, address), 0)
         vm = VmConnection(address, name, self._on_envelope, seq=seq, **self._options)
+        if self._labels is not None:
+            vm.labels = self._labels(name, address)
         self._conns[address] = vm
         clash = self._by_name.get(name)
         if clash is not None:

@@ -2,7 +2,7 @@
 
 A ``VmConnection`` turns each QMP event into an envelope (a plain dict: QEMU's
 ``event``, ``data``, ``timestamp`` plus ``vm``, ``host``, ``source``, ``seq``,
-``received_at`` and, after our own command, ``caused_by``) and hands it to
+``received_at``, the VM's ``labels`` and, after our own command, ``caused_by``) and hands it to
 ``on_envelope``. It announces each session with a synthetic
 ``REACTOR_CONNECTED`` (QEMU's version and run state, so a VM found paused is
 seen) and ends it with ``REACTOR_DISCONNECTED`` (``shutdown_seen`` false: QEMU
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 OnEnvelope = Callable[[Envelope], None]
 OnState = Callable[[str, bool], None]
+Labels = Callable[[str, str], Mapping[str, Any]]
+"""``labels(vm name, address)``: the labels the configuration gives that VM."""
 
 STABLE_AFTER = 5.0
 """A session shorter than this counts as a failed attempt, so backoff keeps growing."""
@@ -99,6 +101,8 @@ class VmConnection:
         self.reconcile = reconcile
         """Seconds between probes of the run state (0: none)."""
         self.run_state = RunState()
+        self.labels: Mapping[str, Any] = {}
+        """The VM's labels from the configuration, in every envelope as ``labels``."""
         self.stop_reason = "closed by qmp-reactor"
         """The ``reason`` of REACTOR_DISCONNECTED when we end the session ourselves."""
 
@@ -154,6 +158,7 @@ class VmConnection:
             "source": self.address,
             "seq": self.seq,
             "received_at": received,
+            "labels": self.labels,
         }
         if self._expect:
             cause = self._expect.match(event, time.monotonic())
@@ -186,6 +191,7 @@ class VmConnection:
                 "source": self.address,
                 "seq": self.seq,
                 "received_at": now,
+                "labels": self.labels,
             }
         )
 
