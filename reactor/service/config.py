@@ -121,6 +121,8 @@ class Config(_Strict):
     qmp: list[str] = Field(default_factory=list)
     qmp_glob: list[str] = Field(default_factory=list)
     listen: str | None = None
+    libvirt: list[str] = Field(default_factory=list)
+    """libvirt URIs whose domains are VMs (``run --libvirt``)."""
     vms: list[VmConfig] = Field(default_factory=list)
     qemu_stage: bool = True
     qemu_versions: list[str] = Field(default_factory=list)

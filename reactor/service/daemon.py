@@ -39,7 +39,10 @@ from reactor.service.metrics import (
 )
 from reactor.service.reactor import Reactor, refrozen, tune_for_serving
 from reactor.sources.discovery import scan_globs
+from reactor.sources.domain import LibvirtDomain
+from reactor.sources.libvirt import LibvirtSource, load_binding
 from reactor.sources.manager import ConnectionManager
+from reactor.sources.vm import VmConnection
 
 log = logging.getLogger("reactor.service.daemon")
 events_log = logging.getLogger("reactor.event")
@@ -68,6 +71,7 @@ class Daemon:
         self.stop_requested = asyncio.Event()
         self.reload_requested = asyncio.Event()
         self.conns: ConnectionManager | None = None
+        self.libvirt: dict[str, tuple[LibvirtSource, asyncio.Task[None]]] = {}  # by URI
         self.reactor: Reactor | None = None
         self.metrics = Metrics(self.snapshot)
         self.metrics_server: MetricsServer | None = None
@@ -101,8 +105,16 @@ class Daemon:
         assert self.reactor is not None
         self.reactor.feed(env)
 
-    def _emit(self, vm: str, event: str, data: dict[str, Any]) -> None:
+    def _vm(self, vm: str) -> VmConnection | LibvirtDomain | None:
+        """The connection of the VM called ``vm``: a QMP socket's, else a libvirt domain's."""
+        conn: VmConnection | LibvirtDomain | None = None
         conn = self.conns.get(vm) if self.conns is not None else None
+        for source, _ in self.libvirt.values():
+            conn = conn or source.get(vm)
+        return conn
+
+    def _emit(self, vm: str, event: str, data: dict[str, Any]) -> None:
+        conn = self._vm(vm)
         if conn is not None:
             conn.emit(event, data)
         elif self.reactor is not None:
@@ -137,7 +149,10 @@ class Daemon:
         rules = len(self.gen.rules) if self.gen is not None else 0
         if self.reactor is None:
             return Snapshot(rules=rules)
-        conns = self.conns.connections() if self.conns is not None else []
+        conns: list[VmConnection | LibvirtDomain] = []
+        conns += self.conns.connections() if self.conns is not None else []
+        for source, _ in self.libvirt.values():
+            conns += source.connections()
         return snapshot_of(self.reactor, conns, rules)
 
     # -- life --------------------------------------------------------------------------
@@ -165,6 +180,8 @@ class Daemon:
         )
         for d in gen.diagnostics:
             _warn(d)
+        if cfg.libvirt:
+            load_binding()  # without libvirt-python, say how to install it before starting
         return gen
 
     async def _start(self) -> None:
@@ -186,7 +203,7 @@ class Daemon:
             clock=AsyncioClock(),
             observe=self._observer(gen),
             on_outcome=self._on_outcome,
-            vm_lookup=self.conns.get,
+            vm_lookup=self._vm,
             emit=self._emit,
             redactor=self.redactor,
         )
@@ -197,16 +214,18 @@ class Daemon:
         for address in gen.sockets:
             self.conns.add(address, gen.vm_names().get(address))
         self._follow_globs(gen.globs)
+        await self._follow_libvirt(cfg.libvirt)
         if cfg.listen:
             self._tasks.append(asyncio.create_task(self.conns.listen(cfg.listen)))
         await asyncio.sleep(0)  # let the listener bind: a bad address stops us before "ready"
         self._check_tasks()
         tune_for_serving()
         log.info(
-            "ready: %d rules, %d sockets, %d globs%s, state in %s",
+            "ready: %d rules, %d sockets, %d globs, %d libvirt%s, state in %s",
             len(gen.rules),
             len(gen.sockets),
             len(gen.globs),
+            len(self.libvirt),
             f", listening on {cfg.listen}" if cfg.listen else "",
             gen.state_dir,
         )
@@ -220,6 +239,24 @@ class Daemon:
         if globs and self.conns is not None:
             self._globs = asyncio.create_task(self.conns.watch_globs(list(globs)))
             self._tasks.append(self._globs)
+
+    async def _follow_libvirt(self, uris: Sequence[str]) -> None:
+        """Follow the domains of each libvirt in ``uris``; quietly stop following the others."""
+        for uri in [u for u in self.libvirt if u not in uris]:
+            source, task = self.libvirt.pop(uri)
+            self._tasks.remove(task)
+            self._leaving.add(uri)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            self._leaving.discard(uri)
+        for uri in uris:
+            if uri not in self.libvirt:
+                source = LibvirtSource(
+                    uri, self._on_envelope, backoff_max=self.generation.config.reconnect_max
+                )
+                task = asyncio.create_task(source.run(), name=f"libvirt:{uri}")
+                self.libvirt[uri] = (source, task)
+                self._tasks.append(task)
 
     def _check_tasks(self) -> None:
         """Raise the error of a background task (listener, glob watcher) that ended."""
@@ -250,6 +287,8 @@ class Daemon:
         try:
             new = load_generation(self.opts, journal=True, report=_warn, redactor=self.redactor)
             changed = old.restart_needed(new)
+            if new.config.libvirt:
+                load_binding()
             if changed:
                 raise ConfigError(f"{', '.join(changed)}: a change that needs a restart")
             server = await self._metrics_for(old, new)
@@ -336,6 +375,7 @@ class Daemon:
             self._leaving -= dropped
         for address in new.sockets:
             conns.add(address, new_names.get(address))
+        await self._follow_libvirt(new.config.libvirt)
 
     async def _shutdown(self) -> None:
         if self.gen is None:

@@ -44,6 +44,7 @@ from reactor.sources.discovery import is_loopback
 if TYPE_CHECKING:
     from reactor.service.config import MetricsConfig
     from reactor.service.reactor import Reactor
+    from reactor.sources.domain import LibvirtDomain
     from reactor.sources.vm import VmConnection
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,9 @@ class Snapshot:
         }
 
 
-def snapshot_of(reactor: Reactor, connections: Iterable[VmConnection], rules: int) -> Snapshot:
+def snapshot_of(
+    reactor: Reactor, connections: Iterable[VmConnection | LibvirtDomain], rules: int
+) -> Snapshot:
     """The ``Snapshot`` of an assembled reactor and its VM connections."""
     vms: dict[str, bool] = {}
     for conn in connections:
