@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -154,12 +155,12 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 30.0) -> None:
 
 class GuestFiles:
     """Copies of the tiny guest's kernel and initrd (libvirt chowns them while a domain runs)
-    and a directory QEMU (as ``libvirt-qemu``) may create its sockets in."""
+    in a temporary directory QEMU (as ``libvirt-qemu``) can reach and create its sockets in
+    (pytest's own are private to root); ``close`` removes it."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self) -> None:
         kernel, initrd = guest_image()
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="libvirt-guest-"))
         os.chmod(self.dir, 0o1777)
         self.kernel = self.dir / "vmlinuz"
         self.initrd = self.dir / "initrd.img"
@@ -167,6 +168,10 @@ class GuestFiles:
         shutil.copyfile(initrd, self.initrd)
         for path in (self.kernel, self.initrd):
             os.chmod(path, 0o644)
+
+    def close(self) -> None:
+        """Remove the directory."""
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def serial(self, name: str) -> Path:
         """Where domain ``name``'s serial console listens."""
