@@ -3,7 +3,8 @@
 Prints the machine, then one table of medians over several runs. Where a ratio
 is quoted, its baseline ran in the same process, alternately with the thing
 measured, so the ratio holds even on a shared, noisy machine. NAMEs (default:
-all): replay, startup, live, latency, isolation, scale. ``--quick`` runs fewer
+all): replay, startup, live, latency, isolation, scale, libvirt (needs libvirtd:
+``.ci/libvirt`` installs it). ``--quick`` runs fewer
 events and fewer runs (a smoke test; quote the full run). docs/performance.md
 has the latest table and what each figure means.
 """
@@ -22,11 +23,12 @@ sys.path.insert(0, str(HERE))
 
 from common import Row, machine, print_table  # noqa: E402
 
-NAMES = ("replay", "startup", "live", "latency", "isolation", "scale")
+NAMES = ("replay", "startup", "live", "latency", "isolation", "scale", "libvirt")
 
 
 def plan(quick: bool) -> dict[str, Callable[[], list[Row]]]:
     """What each name runs, at full or quick size."""
+    from bench_libvirt import bench_libvirt
     from bench_live import bench_isolation, bench_latency, bench_throughput
     from bench_replay import bench_replay
     from bench_scale import bench_scale
@@ -40,6 +42,7 @@ def plan(quick: bool) -> dict[str, Callable[[], list[Row]]]:
         "latency": lambda: bench_latency(3 if quick else 10, runs),
         "isolation": lambda: bench_isolation(3 if quick else 10, runs),
         "scale": lambda: bench_scale(200_000 if quick else 1_000_000, 1 if quick else 3),
+        "libvirt": lambda: bench_libvirt(50 if quick else 250, runs),
     }
 
 

@@ -86,11 +86,17 @@ def load_binding() -> Binding:
 
 
 def use_asyncio(lv: Binding, loop: asyncio.AbstractEventLoop) -> None:
-    """Have libvirt dispatch its events on ``loop`` (once per loop; before any connection),
-    and keep its errors off stderr: we log the ones that matter."""
+    """Have libvirt dispatch its events on ``loop`` before any connection, and keep its
+    errors off stderr (we log the ones that matter).
+
+    libvirt takes one event implementation per process: a second event loop cannot
+    have it (a ``RuntimeError``, our bug; the daemon runs one loop).
+    """
     current = lv.aio.getCurrentImpl()
-    if current is None or current.loop is not loop:
+    if current is None:
         lv.aio.virEventRegisterAsyncIOImpl(loop=loop)
+    elif current.loop is not loop:
+        raise RuntimeError("libvirt's events already go to another event loop of this process")
     lv.api.registerErrorHandler(_quiet, None)
 
 
