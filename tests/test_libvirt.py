@@ -30,8 +30,10 @@ from pathlib import Path
 import pytest
 
 from reactor.demo.machine import SerialConsole
-from reactor.errors import PermanentActionError
+from reactor.errors import ConfigError, PermanentActionError
 from reactor.model import Envelope
+from reactor.service.config import load_config
+from reactor.service.generation import Options, effective_config
 from reactor.sources.domain import CRASHED, PAUSED, RUNNING, event_data, qemu_version, qmp_status
 from reactor.sources.libvirt import LibvirtSource
 from tests.support.guest import PROMPT, READY_MARKER
@@ -155,6 +157,19 @@ def test_without_libvirt_python_run_says_how_to_install(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert "pip install 'qmp-reactor[libvirt]'" in result.stderr
     assert "libvirt-dev" in result.stderr
+
+
+def test_libvirt_uris_from_the_configuration_and_the_flags(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("libvirt: [qemu:///system]\n")
+    opts = Options(config=config, libvirt=["qemu+unix:///system?socket=/x"])
+    assert effective_config(opts).libvirt == ["qemu:///system", "qemu+unix:///system?socket=/x"]
+    config.write_text("qmp: [/run/a.qmp]\nlibvirt: qemu:///system\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(config)
+    assert [str(d) for d in refused.value.diagnostics] == [
+        f"{config}:2:10: error: 'libvirt': Input should be a valid list"
+    ]
 
 
 # -- against libvirtd ------------------------------------------------------------------

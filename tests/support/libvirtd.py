@@ -9,7 +9,9 @@ channel on unix sockets, ``<panic model='isa'/>`` (the guest loads
 ``pvpanic-mmio``; libvirt 9.0 has no ``pvpanic-pci`` model) and
 ``<on_crash>preserve</on_crash>``, so a panic leaves the domain paused.
 
-``virsh`` runs the ``virsh`` client against the private daemon.
+``virsh`` runs the ``virsh`` client against the private daemon. Only one such
+libvirtd runs on a machine at a time: its drivers keep their state (and pid
+files) in ``/run/libvirt`` whatever the socket directory.
 """
 
 from __future__ import annotations
