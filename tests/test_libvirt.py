@@ -19,8 +19,10 @@ rule with the envelope's ``uuid`` and ``source``, next to the default pack.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -52,6 +54,7 @@ rules:
             {{ event }} {{ uuid }} {{ source }}
             {%- if data.status is defined %} status={{ data.status }}{% endif %}
             {%- if data.id is defined %} port={{ data.id }}:{{ data.open }}{% endif %}
+            {%- if data.shutdown_seen is defined %} seen={{ data.shutdown_seen }}{% endif %}
             {%- if caused_by is defined %} caused={{ caused_by.rule }}{% endif %}
 """
 
@@ -200,12 +203,38 @@ def test_a_domain_started_later_is_picked_up_and_its_stop_resume_reach_rules(
             libvirtd.virsh("resume", "lv-late")
             wait_line(side, "lv-late", "RESUME", 2)  # libvirt starts QEMU paused, then resumes
             assert stop == [f"STOP {domain.uuid} {libvirtd.uri}"]
-            libvirtd.virsh("destroy", "lv-late")
+            libvirtd.virsh("destroy", "lv-late")  # QEMU gets SIGTERM: SHUTDOWN host-signal
             gone = wait_line(side, "lv-late", "REACTOR_DISCONNECTED")
-            assert gone == [f"REACTOR_DISCONNECTED {domain.uuid} {libvirtd.uri}"]
+            assert gone == [f"REACTOR_DISCONNECTED {domain.uuid} {libvirtd.uri} seen=True"]
+            domain.console.close()
+
+            domain = create(libvirtd, files, "lv-late")  # started again, then killed
+            wait_line(side, "lv-late", "REACTOR_CONNECTED", 2)
+            pid = int(Path("/run/libvirt/qemu/lv-late.pid").read_text())
+            os.kill(pid, signal.SIGKILL)
+            gone = wait_line(side, "lv-late", "REACTOR_DISCONNECTED", 2)
+            prefix = f"REACTOR_DISCONNECTED {domain.uuid} {libvirtd.uri}"
+            assert gone[1] == f"{prefix} seen=False"
         finally:
             domain.console.close()
             libvirtd.virsh("destroy", "lv-late", check=False)
+        assert side.stop() == 0
+    seqs = [int(line["seq"]) for line in side.audit("lv-audit") if line["vm"] == "lv-late"]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)  # one seq across both runs
+    assert "Traceback" not in side.log_text()
+
+
+def test_a_libvirt_uri_added_by_a_reload_is_followed(libvirtd: Libvirtd, tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("libvirt: []\n")
+    rules = tmp_path / "audit.yaml"
+    rules.write_text(AUDIT)
+    with Sidecar(tmp_path, [], [rules], extra_args=["--config", str(config)]) as side:
+        side.wait_message("ready:", timeout=60)
+        config.write_text(f"libvirt: [{json.dumps(libvirtd.uri)}]\n")
+        side.proc.send_signal(signal.SIGHUP)
+        side.wait_message("connected to libvirt", timeout=60)
+        side.wait_message("reloaded:", timeout=60)
         assert side.stop() == 0
     assert "Traceback" not in side.log_text()
 
@@ -268,7 +297,7 @@ def test_a_libvirtd_restart_reconnects_and_rereads_the_state(rig: GuestRig) -> N
     before = len(lines(side, vm, "REACTOR_CONNECTED"))
     rig.libvirtd.restart()
     gone = wait_line(side, vm, "REACTOR_DISCONNECTED")
-    assert gone == [f"REACTOR_DISCONNECTED {rig.domain.uuid} {rig.libvirtd.uri}"]
+    assert gone == [f"REACTOR_DISCONNECTED {rig.domain.uuid} {rig.libvirtd.uri} seen=False"]
     again = wait_line(side, vm, "REACTOR_CONNECTED", before + 1, timeout=120)
     assert again[-1] == f"REACTOR_CONNECTED {rig.domain.uuid} {rig.libvirtd.uri} status=running"
     stops = len(lines(side, vm, "STOP"))
