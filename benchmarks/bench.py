@@ -3,7 +3,8 @@
 Prints the machine, then one table of medians over several runs. Where a ratio
 is quoted, its baseline ran in the same process, alternately with the thing
 measured, so the ratio holds even on a shared, noisy machine. NAMEs (default:
-all): replay, startup, live, latency, isolation, scale, hostile, state. ``--quick`` runs fewer
+all): replay, startup, live, latency, isolation, scale, hostile, state, libvirt (needs
+libvirtd: ``.ci/libvirt`` installs it). ``--quick`` runs fewer
 events and fewer runs (a smoke test; quote the full run). docs/performance.md
 has the latest table and what each figure means.
 """
@@ -22,12 +23,23 @@ sys.path.insert(0, str(HERE))
 
 from common import Row, machine, print_table  # noqa: E402
 
-NAMES = ("replay", "startup", "live", "latency", "isolation", "scale", "hostile", "state")
+NAMES = (
+    "replay",
+    "startup",
+    "live",
+    "latency",
+    "isolation",
+    "scale",
+    "hostile",
+    "state",
+    "libvirt",
+)
 
 
 def plan(quick: bool) -> dict[str, Callable[[], list[Row]]]:
     """What each name runs, at full or quick size."""
     from bench_hostile import bench_hostile
+    from bench_libvirt import bench_libvirt
     from bench_live import bench_isolation, bench_latency, bench_state, bench_throughput
     from bench_replay import bench_replay
     from bench_scale import bench_scale
@@ -43,6 +55,7 @@ def plan(quick: bool) -> dict[str, Callable[[], list[Row]]]:
         "isolation": lambda: bench_isolation(3 if quick else 10, runs),
         "scale": lambda: bench_scale(200_000 if quick else 1_000_000, 1 if quick else 3),
         "hostile": lambda: bench_hostile(3 if quick else 10, 1 if quick else 3),
+        "libvirt": lambda: bench_libvirt(50 if quick else 250, runs),
     }
 
 

@@ -36,6 +36,13 @@ def register(sub: Any) -> None:
         "--listen", metavar="ADDR", help="server mode: QEMUs connect to this unix path or host:port"
     )
     p.add_argument(
+        "--libvirt",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="every domain of this libvirt is a VM, e.g. qemu:///system (repeatable)",
+    )
+    p.add_argument(
         "--state-dir",
         metavar="DIR",
         help="journal directory (default /var/lib/qmp-reactor, else ./.qmp-reactor)",
@@ -62,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         qmp=args.qmp,
         qmp_glob=args.qmp_glob,
         listen=args.listen,
+        libvirt=args.libvirt,
         state_dir=args.state_dir,
         verbose=args.verbose,
         log_format=args.log_format,

@@ -398,6 +398,17 @@ class SerialConsole:
                     )
                 self._cond.wait(remaining)
 
+    def run_in_guest(self, command: str, timeout: float = 30.0) -> str:
+        """Run a shell command in the guest and return its output (needs a shell on it)."""
+        marker = f"DONE-{time.monotonic_ns()}"
+        typed_marker = f"{marker[:5]}''{marker[5:]}"
+        self.send_line(f"{command}; echo {typed_marker}")
+        match = self.expect(re.compile(rf"([\s\S]*?)(?<!'){re.escape(marker[5:])}"), timeout)
+        # drop the echo of the typed command line and carriage returns
+        text = match.group(1)
+        _, _, output = text[text.find(typed_marker) :].partition("\n")
+        return output.replace("\r", "")[: -len(marker[:5])]
+
 
 class ThrowawayQemu:
     """A ``qemu-system-x86_64`` in its own temporary directory, removed again on close.
@@ -716,11 +727,4 @@ class ThrowawayQemu:
 
     def run_in_guest(self, command: str, timeout: float = 30.0) -> str:
         """Run a shell command in the guest and return its output (needs a shell on ttyS0)."""
-        marker = f"DONE-{time.monotonic_ns()}"
-        typed_marker = f"{marker[:5]}''{marker[5:]}"
-        self.send_line(f"{command}; echo {typed_marker}")
-        match = self.expect(re.compile(rf"([\s\S]*?)(?<!'){re.escape(marker[5:])}"), timeout)
-        # drop the echo of the typed command line and carriage returns
-        text = match.group(1)
-        _, _, output = text[text.find(typed_marker) :].partition("\n")
-        return output.replace("\r", "")[: -len(marker[:5])]
+        return self._console().run_in_guest(command, timeout)

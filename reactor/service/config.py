@@ -217,6 +217,8 @@ class Config(_Strict):
     qmp_glob: list[str] = Field(default_factory=list)
     listen: str | None = None
     listener: ListenerConfig = Field(default_factory=ListenerConfig)
+    libvirt: list[str] = Field(default_factory=list)
+    """libvirt URIs whose domains are VMs (``run --libvirt``)."""
     vms: list[VmConfig] = Field(default_factory=list)
     qemu_stage: bool = True
     engine_state: bool = True

@@ -39,7 +39,10 @@ from reactor.service.metrics import (
 )
 from reactor.service.reactor import Reactor, refrozen, tune_for_serving
 from reactor.sources.discovery import scan_globs
+from reactor.sources.domain import LibvirtDomain
+from reactor.sources.libvirt import LibvirtSource, load_binding
 from reactor.sources.manager import ConnectionManager
+from reactor.sources.vm import VmConnection
 
 log = logging.getLogger("reactor.service.daemon")
 events_log = logging.getLogger("reactor.event")
@@ -68,6 +71,7 @@ class Daemon:
         self.stop_requested = asyncio.Event()
         self.reload_requested = asyncio.Event()
         self.conns: ConnectionManager | None = None
+        self.libvirt: dict[str, tuple[LibvirtSource, asyncio.Task[None]]] = {}  # by URI
         self.reactor: Reactor | None = None
         self.metrics = Metrics(self.snapshot)
         self.metrics_server: MetricsServer | None = None
@@ -103,10 +107,21 @@ class Daemon:
         assert self.reactor is not None
         self.reactor.feed(env)
 
+    def _vm(self, vm: str, source: str | None = None) -> VmConnection | LibvirtDomain | None:
+        """The connection ``source`` (an envelope's) names, if it is still ``vm``'s: a QMP
+        socket's, else a libvirt domain's (whose source is its URI). An event the sidecar
+        raised itself (``source`` None) goes by name."""
+        conn: VmConnection | LibvirtDomain | None = None
+        conn = self.conns.lookup(vm, source) if self.conns is not None else None
+        for libvirt, _ in self.libvirt.values():
+            if conn is None and source in (None, "reactor", libvirt.uri):
+                conn = libvirt.get(vm)
+        return conn
+
     def _emit(self, vm: str, event: str, data: dict[str, Any], source: str | None = None) -> None:
         # On the connection the invocation's event came from; if it is gone, the event keeps
         # that source, so no action it fires reaches a later connection with the same name.
-        conn = self.conns.lookup(vm, source) if self.conns is not None else None
+        conn = self._vm(vm, source)
         if conn is not None:
             conn.emit(event, data)
         elif self.reactor is not None:
@@ -141,7 +156,10 @@ class Daemon:
         rules = len(self.gen.rules) if self.gen is not None else 0
         if self.reactor is None:
             return Snapshot(rules=rules)
-        conns = self.conns.connections() if self.conns is not None else []
+        conns: list[VmConnection | LibvirtDomain] = []
+        conns += self.conns.connections() if self.conns is not None else []
+        for source, _ in self.libvirt.values():
+            conns += source.connections()
         return snapshot_of(self.reactor, conns, rules)
 
     # -- life --------------------------------------------------------------------------
@@ -169,6 +187,8 @@ class Daemon:
         )
         for d in gen.diagnostics:
             _warn(d)
+        if cfg.libvirt:
+            load_binding()  # without libvirt-python, say how to install it before starting
         return gen
 
     async def _start(self) -> None:
@@ -192,7 +212,7 @@ class Daemon:
             clock=AsyncioClock(),
             observe=self._observer(gen),
             on_outcome=self._on_outcome,
-            vm_lookup=self.conns.lookup,
+            vm_lookup=self._vm,
             emit=self._emit,
             redactor=self.redactor,
             keep_state=cfg.engine_state,
@@ -204,6 +224,7 @@ class Daemon:
         for address in gen.sockets:
             self.conns.add(address, gen.vm_names().get(address))
         self._follow_globs(gen.globs)
+        await self._follow_libvirt(cfg.libvirt)
         if cfg.listen:
             listening = self.conns.listen(cfg.listen, cfg.listener.policy())
             self._tasks.append(asyncio.create_task(listening))
@@ -211,10 +232,11 @@ class Daemon:
         self._check_tasks()
         tune_for_serving()
         log.info(
-            "ready: %d rules, %d sockets, %d globs%s, state in %s",
+            "ready: %d rules, %d sockets, %d globs, %d libvirt%s, state in %s",
             len(gen.rules),
             len(gen.sockets),
             len(gen.globs),
+            len(self.libvirt),
             f", listening on {cfg.listen}" if cfg.listen else "",
             gen.state_dir,
         )
@@ -228,6 +250,24 @@ class Daemon:
         if globs and self.conns is not None:
             self._globs = asyncio.create_task(self.conns.watch_globs(list(globs)))
             self._tasks.append(self._globs)
+
+    async def _follow_libvirt(self, uris: Sequence[str]) -> None:
+        """Follow the domains of each libvirt in ``uris``; quietly stop following the others."""
+        for uri in [u for u in self.libvirt if u not in uris]:
+            source, task = self.libvirt.pop(uri)
+            self._tasks.remove(task)
+            self._leaving.add(uri)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            self._leaving.discard(uri)
+        for uri in uris:
+            if uri not in self.libvirt:
+                source = LibvirtSource(
+                    uri, self._on_envelope, backoff_max=self.generation.config.reconnect_max
+                )
+                task = asyncio.create_task(source.run(), name=f"libvirt:{uri}")
+                self.libvirt[uri] = (source, task)
+                self._tasks.append(task)
 
     def _check_tasks(self) -> None:
         """Raise the error of a background task (listener, glob watcher) that ended."""
@@ -258,6 +298,8 @@ class Daemon:
         try:
             new = load_generation(self.opts, journal=True, report=_warn, redactor=self.redactor)
             changed = old.restart_needed(new)
+            if new.config.libvirt:
+                load_binding()
             if changed:
                 raise ConfigError(f"{', '.join(changed)}: a change that needs a restart")
             server = await self._metrics_for(old, new)
@@ -345,6 +387,7 @@ class Daemon:
             self._leaving -= dropped
         for address in new.sockets:
             conns.add(address, new_names.get(address))
+        await self._follow_libvirt(new.config.libvirt)
 
     async def _shutdown(self) -> None:
         if self.gen is None:

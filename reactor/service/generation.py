@@ -50,6 +50,7 @@ class Options:
     qmp: list[str] = field(default_factory=list)
     qmp_glob: list[str] = field(default_factory=list)
     listen: str | None = None
+    libvirt: list[str] = field(default_factory=list)
     state_dir: str | None = None
     verbose: bool = False
     log_format: str | None = None
@@ -73,6 +74,8 @@ def effective_config(opts: Options) -> Config:
         update["qmp_glob"] = [*cfg.qmp_glob, *opts.qmp_glob]
     if opts.listen:
         update["listen"] = opts.listen
+    if opts.libvirt:
+        update["libvirt"] = [*cfg.libvirt, *opts.libvirt]
     if opts.state_dir:
         update["state_dir"] = opts.state_dir
     if opts.verbose:

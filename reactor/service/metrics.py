@@ -46,6 +46,7 @@ from reactor.sources.reconcile import RUN_STATES
 if TYPE_CHECKING:
     from reactor.service.config import MetricsConfig
     from reactor.service.reactor import Reactor
+    from reactor.sources.domain import LibvirtDomain
     from reactor.sources.vm import VmConnection
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,9 @@ class Snapshot:
         }
 
 
-def snapshot_of(reactor: Reactor, connections: Iterable[VmConnection], rules: int) -> Snapshot:
+def snapshot_of(
+    reactor: Reactor, connections: Iterable[VmConnection | LibvirtDomain], rules: int
+) -> Snapshot:
     """The ``Snapshot`` of an assembled reactor and its VM connections."""
     vms: dict[str, bool] = {}
     run_states: dict[str, str] = {}

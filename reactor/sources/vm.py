@@ -18,28 +18,39 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import Callable, Mapping
-from functools import cache
 from typing import Any, NoReturn
 
 from qemu.qmp import ExecInterruptedError, ExecuteError, QMPError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_random_exponential
 
 from reactor.errors import PermanentActionError, TransientActionError
-from reactor.model import Envelope
-from reactor.sources.caused_by import Expectations
 from reactor.sources.discovery import TcpAddress, socket_identity
-from reactor.sources.reconcile import TRACKED, RunState, io_errors
+from reactor.sources.envelopes import (
+    OnEnvelope,
+    OnState,
+    VmEvents,
+    hostname,
+    qemu_timestamp,
+)
+from reactor.sources.reconcile import io_errors
 from reactor.sources.session import MAX_MESSAGE, Pace, QmpLink, RawEvent, describe, discard
 
 log = logging.getLogger(__name__)
 
-OnEnvelope = Callable[[Envelope], None]
-OnState = Callable[[str, bool], None]
 Labels = Callable[[str, str], Mapping[str, Any]]
 """``labels(vm name, address)``: the labels the configuration gives that VM."""
+
+__all__ = [
+    "Labels",
+    "OnEnvelope",
+    "OnState",
+    "SessionFailed",
+    "VmConnection",
+    "hostname",
+    "qemu_timestamp",
+]
 
 STABLE_AFTER = 5.0
 """A session shorter than this counts as a failed attempt, so backoff keeps growing."""
@@ -48,23 +59,11 @@ WAKE_POLL = 0.1
 """While backing off, how often a unix socket file is checked for re-creation."""
 
 
-@cache
-def hostname() -> str:
-    """This host's name, read once per process."""
-    return socket.gethostname()
-
-
-def qemu_timestamp(when: float) -> dict[str, int]:
-    """``when`` (epoch seconds) in QEMU's event timestamp format."""
-    seconds = int(when)
-    return {"seconds": seconds, "microseconds": int((when - seconds) * 1_000_000)}
-
-
 class SessionFailed(Exception):
     """A session that could not start (or ended too soon); worth a backoff."""
 
 
-class VmConnection:
+class VmConnection(VmEvents):
     """One VM's QMP connection (implements ``reactor.plugins.api.VmControl``)."""
 
     def __init__(
@@ -81,28 +80,17 @@ class VmConnection:
         pace: Pace | None = None,
         reconcile: float = 0.0,
     ) -> None:
-        self.address = address
+        super().__init__(address, name, on_envelope, on_state=on_state, seq=seq)
         self.pace = pace
         """Asked before each event of a session (``reactor.sources.session.Pace``)."""
-        self.name = name
-        self.seq = seq
-        self.connected = False
-        self.host = hostname()
         self.greeting_timeout = greeting_timeout
         self.backoff_max = backoff_max
         self.max_message = max_message
-        self._on_envelope = on_envelope
-        self._on_state = on_state
         self._link: QmpLink | None = None
-        self._expect = Expectations()
-        self._shutdown_seen = False
         self._ident: tuple[int, int, int] | None = None
         self._failures = 0
         self.reconcile = reconcile
         """Seconds between probes of the run state (0: none)."""
-        self.run_state = RunState()
-        self.labels: Mapping[str, Any] = {}
-        """The VM's labels from the configuration, in every envelope as ``labels``."""
         self.stop_reason = "closed by qmp-reactor"
         """The ``reason`` of REACTOR_DISCONNECTED when we end the session ourselves."""
 
@@ -148,52 +136,7 @@ class VmConnection:
         if type(event) is not str:
             return
         data = obj.get("data")
-        self.seq += 1
-        env = {
-            "event": event,
-            "data": data if type(data) is dict else {},
-            "timestamp": obj.get("timestamp"),
-            "vm": self.name,
-            "host": self.host,
-            "source": self.address,
-            "seq": self.seq,
-            "received_at": received,
-            "labels": self.labels,
-        }
-        if self._expect:
-            cause = self._expect.match(event, time.monotonic())
-            if cause is not None:
-                env["caused_by"] = cause
-        if event in TRACKED:
-            self.run_state.observe(event, data if type(data) is dict else {})
-            if event == "SHUTDOWN":
-                self._shutdown_seen = True
-        self._deliver(env)
-
-    def _deliver(self, env: Envelope) -> None:
-        try:
-            self._on_envelope(env)
-        except Exception:
-            # The consumer's bug must not cost us the connection (and every event after).
-            log.exception("%s: on_envelope failed for %s #%d", self.name, env["event"], env["seq"])
-
-    def emit(self, event: str, data: dict[str, Any]) -> None:
-        """Deliver a synthetic event for this VM, stamped now, through ``on_envelope``."""
-        now = time.time()
-        self.seq += 1
-        self._deliver(
-            {
-                "event": event,
-                "data": data,
-                "timestamp": qemu_timestamp(now),
-                "vm": self.name,
-                "host": self.host,
-                "source": self.address,
-                "seq": self.seq,
-                "received_at": now,
-                "labels": self.labels,
-            }
-        )
+        self._event(event, data if type(data) is dict else {}, obj.get("timestamp"), received)
 
     # -- sessions ---------------------------------------------------------------------
 
@@ -228,20 +171,9 @@ class VmConnection:
 
     def _begin(self, link: QmpLink, version: Any, status: Any) -> None:
         self._link = link
-        self._shutdown_seen = False
-        self.connected = True
         self._failures = 0
-        qemu = version.get("qemu", {}) if isinstance(version, dict) else {}
-        status = status if isinstance(status, dict) else {}
-        data = {
-            "version": version,
-            "qemu": f"{qemu.get('major')}.{qemu.get('minor')}.{qemu.get('micro')}",
-            "status": status.get("status", "unknown"),
-            "running": bool(status.get("running", False)),
-            "address": self.address,
-        }
+        data = self._announce(version, status)
         log.info("%s: connected to %s (%s)", self.name, self.address, data["status"])
-        self.emit("REACTOR_CONNECTED", data)
         changed = self.run_state.probed(data["status"], data["running"], [], "reconnect")
         if changed is not None:
             self.emit("REACTOR_STATE_CHANGED", changed)
@@ -250,21 +182,10 @@ class VmConnection:
 
     def _end(self, link: QmpLink, reason: str) -> None:
         self._link = None
-        self.connected = False
         if link.dropped:
             log.warning("%s: %d events dropped while connecting", self.name, link.dropped)
         log.info("%s: disconnected from %s: %s", self.name, self.address, reason)
-        data = {"shutdown_seen": self._shutdown_seen, "reason": reason, "address": self.address}
-        self.emit("REACTOR_DISCONNECTED", data)
-        self._tell_state(False)
-
-    def _tell_state(self, up: bool) -> None:
-        if self._on_state is None:
-            return
-        try:
-            self._on_state(self.name, up)
-        except Exception:
-            log.exception("%s: on_state failed", self.name)
+        self._announce_end(reason)
 
     # -- reconciliation ---------------------------------------------------------------
 

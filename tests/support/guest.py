@@ -5,8 +5,9 @@ virtio/pvpanic modules and an ``/init`` script. It prints ``GUEST-READY`` on tty
 a shell there, so tests drive it through the serial console of :class:`ThrowawayQemu`.
 
 The result is cached in ``${QMP_REACTOR_CACHE:-~/.cache/qmp-reactor}/guest/`` as ``vmlinuz`` and
-``initrd.img`` and only rebuilt when one of them is missing. Building needs ``apt-get`` and
-``dpkg`` (Debian packages ``linux-image-*-cloud-amd64`` and ``busybox-static``).
+``initrd.img`` and only rebuilt when one of them is missing or lacks a module of ``MODULES``.
+Building needs ``apt-get`` and ``dpkg`` (Debian packages ``linux-image-*-cloud-amd64`` and
+``busybox-static``).
 
 Run ``python -m tests.support.guest`` to build it ahead of time (``--force`` rebuilds).
 """
@@ -45,6 +46,7 @@ MODULES = (
     "virtio_blk",
     "pvpanic",
     "pvpanic-pci",
+    "pvpanic-mmio",
 )
 
 DEFAULT_APPEND = "console=ttyS0 quiet loglevel=3 panic=0"
@@ -281,9 +283,23 @@ def guest_image(force: bool = False) -> tuple[Path, Path]:
     """Return ``(vmlinuz, initrd.img)`` of the cached guest, building it first if missing."""
     dest = cache_dir()
     kernel, initrd = dest / "vmlinuz", dest / "initrd.img"
-    if force or not (kernel.exists() and initrd.exists()):
+    if force or not (kernel.exists() and initrd.exists()) or _missing_modules(dest):
         return build_guest(dest)
     return kernel, initrd
+
+
+def _missing_modules(dest: Path) -> bool:
+    """Whether the cached initrd lacks a module of ``MODULES`` (it was built by an older list)."""
+    manifest = dest / "kernel-package.txt"
+    if not manifest.exists():
+        return True
+    built = {
+        name.replace("-", "_")
+        for line in manifest.read_text().splitlines()
+        if line.startswith("modules:")
+        for name in line.split()[1:]
+    }
+    return any(m.replace("-", "_") not in built for m in MODULES)
 
 
 @contextmanager
