@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,10 @@ def send(peer_thread: PeerThread, fake: fakeqmp.FakeQmp, event: str, data: dict[
 
 
 def io_error(n: int) -> dict[str, Any]:
-    return {"device": f"disk{n}", "node-name": "n", "operation": "write", "action": "report",
+    # Each its own qom-path: QEMU rate-limits BLOCK_IO_ERROR per qom-path, and so does
+    # a central that has not seen the VM's REACTOR_CONNECTED (it follows the newest QEMU).
+    return {"device": f"disk{n}", "node-name": "n", "qom-path": f"/machine/peripheral/disk{n}",
+            "operation": "write", "action": "report",
             "nospace": False, "fatal": False, "reason": "Input/output error"}  # fmt: skip
 
 
@@ -111,4 +115,96 @@ def test_two_hosts_publish_and_a_central_rule_across_hosts_fires_once(
     assert sorted(e["host"] for _, e in events) == ["h1", "h2"]
     ids = [i for i, _ in server.messages()]
     assert len(ids) == len(set(ids)) and all(i.startswith(("h1:", "h2:")) for i in ids)
+    assert "Traceback" not in c.log_text()
+
+
+def test_nats_down_then_back_and_a_server_restart_publish_every_event_once(
+    tmp_path: Path,
+) -> None:
+    nats_server = NatsServer(tmp_path)  # not started: NATS is down when the host starts
+    peer = PeerThread(tmp_path / "h1.qmp")
+    sent = 0
+
+    def burst(count: int) -> None:
+        nonlocal sent
+        for _ in range(count):
+            sent += 1
+            send(peer, fake, "BLOCK_IO_ERROR", io_error(sent))
+
+    def outbox() -> float:
+        return float(sidecar.healthz()[1]["fleet"]["nats_outbox_events"])
+
+    with peer as fake, host(tmp_path, "h1", nats_server.url, [str(tmp_path / "h1.qmp")]) as sidecar:
+        sidecar.start()
+        sidecar.wait_log("nats .*: cannot connect")
+        wait(lambda: fake.accepted == 1, 20, "a connection")
+        burst(20)
+        wait(lambda: outbox() >= 20, 20, "a backlog while NATS is down")
+        assert sidecar.healthz()[1]["fleet"]["nats_connected"] == 0
+        try:
+            nats_server.start()
+            wait(lambda: outbox() == 0, 60, "the backlog published")
+            burst(20)
+            nats_server.stop()  # a server restart mid-run
+            burst(20)
+            wait(lambda: outbox() >= 20, 20, "a backlog while the server restarts")
+            nats_server.start()
+            burst(20)
+            wait(lambda: outbox() == 0, 60, "the backlog published again")
+            events = published(nats_server, "BLOCK_IO_ERROR")
+        finally:
+            nats_server.stop()
+    devices = Counter(e["data"]["device"] for _, e in events)
+    assert devices == Counter(f"disk{n}" for n in range(1, sent + 1))
+    ids = [i for i, _ in events]
+    assert len(set(ids)) == len(ids) == 80
+    assert "Traceback" not in sidecar.log_text()
+
+
+def test_central_kill9_mid_stream_delivers_every_firing_once_by_key(
+    tmp_path: Path, server: NatsServer
+) -> None:
+    def slow(path: str, headers: dict[str, str], body: bytes) -> None:
+        time.sleep(0.02)  # the central's webhooks run one after another: it is mid-stream
+        return None
+
+    receiver = Receiver(answer=slow)
+    peer = PeerThread(tmp_path / "h1.qmp")
+    rule = webhook_rule("each", "BLOCK_IO_ERROR", receiver.url)
+    total = 150
+    try:
+        with peer as fake, host(tmp_path, "h1", server.url, [str(tmp_path / "h1.qmp")]) as h1:
+            h1.start().wait_log("nats .*: connected")
+            wait(lambda: fake.accepted == 1, 20, "a connection")
+            with central(tmp_path, server.url, rule) as c:
+                c.start().wait_log("central, consuming")
+                for n in range(1, total // 2 + 1):
+                    send(peer, fake, "BLOCK_IO_ERROR", io_error(n))
+                receiver.wait(lambda r: len(r.delivered) >= 20, 60, "deliveries")
+                c.kill9()
+                for n in range(total // 2 + 1, total + 1):  # published while the central is away
+                    send(peer, fake, "BLOCK_IO_ERROR", io_error(n))
+                c.start()
+                receiver.wait(lambda r: len(r.delivered) >= total, 120, "every firing")
+                assert c.stop() == 0
+            # Every message again, to a new consumer on the same journal: as a redelivery
+            # would, it makes the same firings with the same keys, nothing new.
+            again = central(tmp_path, server.url, rule)
+            again.args = [*again.args, "--durable", "replayed"]
+            with again.start():
+                every = total + 1  # and REACTOR_CONNECTED
+                again.wait_metric(lambda s: s.value("qmp_reactor_nats_acked") == every, 60,
+                                  "every message consumed again")  # fmt: skip
+                time.sleep(1.0)
+    finally:
+        receiver.close()
+    keys = receiver.keys_delivered()
+    devices: dict[str, set[str]] = {}
+    for headers, body in receiver.requests:
+        devices.setdefault(json.loads(body)["event"]["data"]["device"], set()).add(
+            headers["Idempotency-Key"]
+        )
+    assert len(keys) == total
+    assert sorted(devices) == sorted(f"disk{n}" for n in range(1, total + 1))
+    assert all(len(k) == 1 for k in devices.values()), "a firing delivered under two keys"
     assert "Traceback" not in c.log_text()

@@ -80,6 +80,7 @@ class Link:
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
         self.up = asyncio.Event()
+        self._told = False
         self.options = connect_options(cfg, resolver)  # a bad reference stops the start
 
     @property
@@ -118,7 +119,11 @@ class Link:
         return shown(self.cfg.url or "")
 
     async def _error(self, err: Exception) -> None:
-        log.debug("nats %s: %s", self.where, why(err))
+        if not self.up.is_set() and not self._told:
+            self._told = True  # the client retries the first connect itself, quietly after this
+            log.warning("nats %s: cannot connect (%s); retrying", self.where, why(err))
+        else:
+            log.debug("nats %s: %s", self.where, why(err))
 
     async def _disconnected(self) -> None:
         log.warning("nats %s: disconnected; reconnecting", self.where)
