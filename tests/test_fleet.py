@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from reactor.demo.machine import ThrowawayQemu
 from reactor.fleet.subjects import event_subject, token, untoken
 from tests import fakeqmp
 from tests.support.natsserver import NatsServer
@@ -208,3 +209,27 @@ def test_central_kill9_mid_stream_delivers_every_firing_once_by_key(
     assert sorted(devices) == sorted(f"disk{n}" for n in range(1, total + 1))
     assert all(len(k) == 1 for k in devices.values()), "a firing delivered under two keys"
     assert "Traceback" not in c.log_text()
+
+
+@pytest.mark.qemu
+def test_a_central_restart_vm_reaches_the_right_hosts_real_qemu(
+    tmp_path: Path, server: NatsServer
+) -> None:
+    action = {"type": "restart_vm", "with": {"method": "reset", "timeout": "30s"}}
+    restart = {"name": "restart-stopped", "on": "STOP", "actions": [action]}
+    peer = PeerThread(tmp_path / "h1.qmp")
+    with peer as fake, ThrowawayQemu(name="vm1", extra_qmp=["vm1"]) as q:
+        h1 = host(tmp_path, "h1", server.url, [str(tmp_path / "h1.qmp")])
+        h2 = host(tmp_path, "h2", server.url, [str(q.qmp_socket("vm1"))])
+        with h1.start(), h2.start(), central(tmp_path, server.url, restart).start() as c:
+            c.wait_log("central, consuming")
+            h2.wait_log("REACTOR_CONNECTED")
+            wait(lambda: fake.accepted == 1, 20, "h1's connection")
+            q.qmp.execute("stop")
+            q.qmp.wait_event("RESET", timeout=60)
+            wait(lambda: q.qmp.execute("query-status")["status"] == "running", 60, "running")
+            c.wait_log("restart_vm ok rule=restart-stopped vm=vm1", timeout=60)
+            assert "system_reset" not in fake.peers[-1].commands  # h1's vm1 is another VM
+            health = h2.healthz()[1]["fleet"]
+            assert health["nats_commands_answered"] >= 1
+    assert "Traceback" not in c.log_text() + h2.log_text()
