@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 
 from reactor.demo.machine import ThrowawayQemu
@@ -233,3 +234,38 @@ def test_a_central_restart_vm_reaches_the_right_hosts_real_qemu(
             health = h2.healthz()[1]["fleet"]
             assert health["nats_commands_answered"] >= 1
     assert "Traceback" not in c.log_text() + h2.log_text()
+
+
+def test_commands_are_checked_allowlisted_and_answered_once_per_key(
+    tmp_path: Path, server: NatsServer
+) -> None:
+    async def ask(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        nc = await nats.connect(server.url)
+        try:
+            replies = []
+            for req in requests:
+                msg = await nc.request("qmp.h1.cmd", json.dumps(req).encode(), timeout=30)
+                replies.append(json.loads(msg.data))
+            return replies
+        finally:
+            await nc.close()
+
+    peer = PeerThread(tmp_path / "h1.qmp")
+    with peer as fake, host(tmp_path, "h1", server.url, [str(tmp_path / "h1.qmp")]) as h1:
+        h1.start().wait_log("nats .*: connected")
+        wait(lambda: fake.accepted == 1, 20, "a connection")
+        cont = {"command": "qmp", "vm": "vm1", "with": {"command": "cont"}, "key": "k1"}
+        replies = asyncio.run(ask([
+            {"command": "exec", "vm": "vm1", "with": {}, "key": "k0"},
+            {**cont, "with": {"command": "cont", "arguments": {"x": "{{ data }}"}}, "key": "k2"},
+            {**cont, "with": {"command": "quit"}, "key": "k3"},
+            {**cont, "vm": "nobody", "key": "k4"},
+            cont,
+            cont,
+        ]))  # fmt: skip
+    statuses = [(r["status"], r["duplicate"]) for r in replies]
+    assert statuses[:2] == [("refused", False), ("refused", False)]
+    assert statuses[2][0] in ("failed", "dead") and "allowlist" in replies[2]["error"]
+    assert statuses[3:] == [("refused", False), ("ok", False), ("ok", True)]
+    assert fake.peers[-1].commands.count("cont") == 1  # the second request ran nothing
+    assert "quit" not in fake.peers[-1].commands
