@@ -17,6 +17,7 @@ engine      generated routes, QEMU's rate-limit stage, gates, replay
 dispatch    invocations, the journal, group commit, attempts, the dispatcher
 actions     the built-in action types
 service     configuration, wiring, the daemon, metrics, logs
+fleet       NATS JetStream: publisher and its outbox, commands, the central
 demo        the throwaway QEMU and the demo
 cli         the commands
 ==========  =================================================================

@@ -26,6 +26,7 @@ LAYERS = (
     "dispatch",
     "actions",
     "service",
+    "fleet",
     "demo",
     "cli",
 )

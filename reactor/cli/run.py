@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reactor.cli._common import add_rules_arg, duration_arg
+from reactor.errors import ConfigError
+
+if TYPE_CHECKING:
+    from reactor.service.companion import Companion
+    from reactor.service.config import Config
+
+
+FLEET_FLAGS = (
+    ("--nats", "URL", "publish every event to NATS JetStream and answer commands"),
+    ("--from-nats", "URL", "central: run the rules over every host's events in the NATS stream"),
+    ("--durable", "NAME", "with --from-nats: the durable consumer's name"),
+    ("--host", "NAME", "this host's name in the fleet (default: the hostname)"),
+)
 
 
 def register(sub: Any) -> None:
@@ -54,6 +67,8 @@ def register(sub: Any) -> None:
         metavar="DURATION",
         help="probe every VM's run state this often (default 30s; 0: off)",
     )
+    for flag, metavar, text in FLEET_FLAGS:
+        p.add_argument(flag, metavar=metavar, help=text)
     p.add_argument("-v", "--verbose", action="store_true", help="one line per event and action")
     p.add_argument("--log-format", choices=("text", "json"), help="log format (default text)")
     p.set_defaults(func=run)
@@ -75,5 +90,24 @@ def run(args: argparse.Namespace) -> int:
         log_format=args.log_format,
         plugin_dirs=args.plugin_dir,
         reconcile=args.reconcile,
+        nats=args.nats,
+        from_nats=args.from_nats,
+        durable=args.durable,
+        host=args.host,
     )
-    return run_daemon(opts)
+    if opts.nats and opts.from_nats:
+        raise ConfigError("run: --nats and --from-nats exclude each other")
+    return run_daemon(opts, attach=fleet)
+
+
+def fleet(config: Config) -> list[Companion]:
+    """The fleet's companions ``config`` asks for; ConfigError when the extra is missing."""
+    if not config.nats.url:
+        return []
+    try:
+        from reactor.fleet.attach import companions
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("nats"):
+            raise
+        raise ConfigError("nats: needs the nats extra: pip install 'qmp-reactor[nats]'") from None
+    return companions(config)

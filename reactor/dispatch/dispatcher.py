@@ -115,6 +115,10 @@ class Dispatcher:
         self._open = 0
         self._started = False
         self._stopping = False
+        self.firing_ids: Callable[[Firing], list[str] | None] | None = None
+        """Where a firing's invocation ids come from when not at random: a source whose
+        events can arrive twice (a redelivered stream message) gives the same ids again,
+        so the repeat carries the same idempotency keys. None or a None answer: random."""
 
     def reconfigure(
         self,
@@ -190,7 +194,9 @@ class Dispatcher:
     def _invocations(self, firing: Firing) -> list[Invocation]:
         env, rule, now = firing.envelope, firing.rule, time.time()
         vm, event, seq = str(env.get("vm") or ""), str(env.get("event") or ""), env.get("seq")
-        ids = [new_id() for _ in rule.actions]
+        ids = self.firing_ids(firing) if self.firing_ids is not None else None
+        if ids is None or len(ids) != len(rule.actions):
+            ids = [new_id() for _ in rule.actions]
         return [
             Invocation(
                 id=ids[index], firing_id=ids[0], rule=rule.name, action_index=index,
@@ -338,6 +344,10 @@ class Dispatcher:
                 log.info("resuming %d unfinished invocations from %s", len(resumed), journal.path)
             self._resume(resumed)
         self._outbox.start()
+
+    async def flush(self) -> None:
+        """Wait until every invocation accepted so far is written to the journal."""
+        await self._outbox.flush()
 
     async def drain(self) -> None:
         """Wait until nothing is waiting, running or unwritten (tests, ``replay --execute``)."""

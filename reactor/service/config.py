@@ -206,6 +206,40 @@ class ListenerConfig(_Strict):
         )
 
 
+class NatsCredentials(_Strict):
+    """How the sidecar proves itself to NATS; any value may be a ``${file:}``/``${env:}``."""
+
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    nkey_seed: str | None = None
+    creds_file: str | None = None
+
+
+_SUBJECT_TOKEN = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
+
+
+class NatsConfig(_Strict):
+    """NATS JetStream: where events are published and commands answered (docs/fleet.md)."""
+
+    url: str | None = None
+    stream: str = Field("QMP", pattern=r"^[A-Za-z0-9_-]+$")
+    subject_prefix: str = Field("qmp", pattern=_SUBJECT_TOKEN)
+    credentials: NatsCredentials = Field(default_factory=NatsCredentials)
+    outbox_max_bytes: int = Field(256 * 1024 * 1024, ge=4096)
+    """The publisher's backlog while NATS is away; past it new events are not queued."""
+    commands: bool = True
+    """Answer restart_vm/resume_vm/qmp commands on ``<prefix>.<host>.cmd``."""
+    central: bool = False
+    """Run the rules over the stream (``run --from-nats``) instead of publishing."""
+    durable: str = Field("qmp-reactor-central", pattern=r"^[A-Za-z0-9_-]+$")
+    command_timeout: float = 120.0
+    ack_wait: float = 30.0
+    """How long a central instance has to journal a message's firings before it is redelivered."""
+
+    _durations = field_validator("command_timeout", "ack_wait", mode="before")(_seconds)
+
+
 class Config(_Strict):
     """Everything ``qmp-reactor run`` can be told; flags override these."""
 
@@ -235,6 +269,9 @@ class Config(_Strict):
     verbose: bool = False
     actions: ActionsConfig = Field(default_factory=ActionsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    host: str | None = None
+    """This host's name in the fleet (default: the machine's hostname)."""
+    nats: NatsConfig = Field(default_factory=NatsConfig)
 
     _durations = field_validator(
         "greeting_timeout", "reconnect_max", "shutdown_grace", "reconcile", mode="before"

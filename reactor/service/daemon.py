@@ -17,6 +17,7 @@ keeps running.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from reactor.errors import ConfigError, Diagnostic, PluginError, UserError
 from reactor.model import Envelope
 from reactor.params.secrets import Redactor
 from reactor.plugins.hookspecs import ActionOutcome
+from reactor.service.companion import Attach, Companion
 from reactor.service.config import Config
 from reactor.service.generation import Generation, Options, effective_config, load_generation
 from reactor.service.logs import log_dropped, setup_logging
@@ -64,8 +66,10 @@ class Daemon:
     loaded once signal handlers are in place and replaced whole by a reload.
     """
 
-    def __init__(self, opts: Options) -> None:
+    def __init__(self, opts: Options, attach: Attach | None = None) -> None:
         self.opts = opts
+        self.attach = attach
+        self.companions: list[Companion] = []
         self.gen: Generation | None = None
         self.redactor = Redactor()  # the reactor's secrets, masked in every log line
         self.stop_requested = asyncio.Event()
@@ -87,11 +91,17 @@ class Daemon:
         return self.gen
 
     # -- wiring ------------------------------------------------------------------------
+    def feed(self, env: Envelope) -> None:
+        """One envelope from an event source other than the QMP connections (a stream)."""
+        self._on_envelope(env)
+
     def _on_envelope(self, env: Envelope) -> None:
         if self._closing:
             return  # our own closing of the connections is no news about the VMs
         if self._leaving and env["event"] == DISCONNECTED and _address(env) in self._leaving:
             return  # nor is a reload closing one
+        for companion in self.companions:
+            companion.envelope(env)
         if events_log.isEnabledFor(logging.DEBUG):
             events_log.debug(
                 "%s %s seq=%s data=%s",
@@ -145,6 +155,8 @@ class Daemon:
                        "outcome": outcome.status, "invocation": outcome.invocation_id},
             )  # fmt: skip
         self.metrics.outcome(outcome)
+        for companion in self.companions:
+            companion.outcome(outcome)
         self.generation.plugins.action_outcome(outcome)
 
     def _observer(self, gen: Generation) -> Callable[[Envelope], None] | None:
@@ -160,7 +172,12 @@ class Daemon:
         conns += self.conns.connections() if self.conns is not None else []
         for source, _ in self.libvirt.values():
             conns += source.connections()
-        return snapshot_of(self.reactor, conns, rules)
+        snap = snapshot_of(self.reactor, conns, rules)
+        if not self.companions:
+            return snap
+        extra = {k: v for c in self.companions for k, v in c.figures().items()}
+        problems = tuple(p for c in self.companions for p in c.problems())
+        return dataclasses.replace(snap, extra=extra, extra_problems=problems)
 
     # -- life --------------------------------------------------------------------------
     async def run(self) -> int:
@@ -171,7 +188,9 @@ class Daemon:
             loop.add_signal_handler(sig, self.stop_requested.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload_requested.set)
         try:
-            self.gen = self._load(effective_config(self.opts))
+            cfg = effective_config(self.opts)
+            self.companions = self.attach(cfg) if self.attach is not None else []
+            self.gen = self._adapted(self._load(cfg))
             await self._start()
             await self._serve()
         finally:
@@ -189,6 +208,11 @@ class Daemon:
             _warn(d)
         if cfg.libvirt:
             load_binding()  # without libvirt-python, say how to install it before starting
+        return gen
+
+    def _adapted(self, gen: Generation) -> Generation:
+        for companion in self.companions:
+            gen = companion.adapt(gen)
         return gen
 
     async def _start(self) -> None:
@@ -219,6 +243,8 @@ class Daemon:
         )
         await gen.plugins.startup(gen.settings)
         await self.reactor.start()
+        for companion in self.companions:
+            await companion.start(self)
         self.conns.pace = self.reactor.backpressure  # overload slows the readers down
         self.metrics_server = await start_metrics_server(self.metrics, cfg.metrics)
         for address in gen.sockets:
@@ -297,6 +323,7 @@ class Daemon:
         old = self.generation
         try:
             new = load_generation(self.opts, journal=True, report=_warn, redactor=self.redactor)
+            new = self._adapted(new)
             changed = old.restart_needed(new)
             if new.config.libvirt:
                 load_binding()
@@ -402,6 +429,8 @@ class Daemon:
             await self.metrics_server.close()
         if self.conns is not None:
             await self.conns.aclose()
+        for companion in reversed(self.companions):
+            await companion.stop()
         if self.reactor is not None:
             log_dropped(self.reactor.engine.held(), "stopping")
             await self.reactor.stop(grace)
@@ -426,11 +455,11 @@ def _refused(err: Exception, rules: int) -> None:
     log.error("reload refused: the previous generation (%d rules) keeps running", rules)
 
 
-def run_daemon(opts: Options) -> int:
-    """Build and run the daemon in a fresh event loop."""
+def run_daemon(opts: Options, attach: Attach | None = None) -> int:
+    """Build and run the daemon in a fresh event loop (``attach``: its companions)."""
 
     async def main() -> int:
-        daemon = Daemon(opts)
+        daemon = Daemon(opts, attach)
         return await daemon.run()
 
     return asyncio.run(main())

@@ -37,6 +37,8 @@ RESTART_SETTINGS = (
     "reconnect_max",
     "reconcile",
     "engine_state",
+    "host",
+    "nats",
 )
 """Settings a running sidecar keeps until it restarts: a reload that changes one is refused."""
 
@@ -60,6 +62,12 @@ class Options:
     qemu_versions: list[str] = field(default_factory=list)
     """QEMU releases to judge rules against (default: the configuration's)."""
     reconcile: float | None = None
+    nats: str | None = None
+    """``--nats URL``: publish to NATS JetStream and answer commands."""
+    from_nats: str | None = None
+    """``--from-nats URL``: run the rules over the stream (a central instance)."""
+    durable: str | None = None
+    host: str | None = None
 
 
 def effective_config(opts: Options) -> Config:
@@ -88,7 +96,24 @@ def effective_config(opts: Options) -> Config:
         update["reconcile"] = opts.reconcile
     if opts.block_plugins:
         update["block_plugins"] = [*cfg.block_plugins, *opts.block_plugins]
+    if opts.host:
+        update["host"] = opts.host
+    nats = _nats_flags(opts)
+    if nats:
+        update["nats"] = cfg.nats.model_copy(update=nats)
     return cfg.model_copy(update=update)
+
+
+def _nats_flags(opts: Options) -> dict[str, Any]:
+    """What ``--nats``, ``--from-nats`` and ``--durable`` lay over ``nats:``."""
+    update: dict[str, Any] = {}
+    if opts.nats:
+        update["url"] = opts.nats
+    if opts.from_nats:
+        update["url"], update["central"] = opts.from_nats, True
+    if opts.durable:
+        update["durable"] = opts.durable
+    return update
 
 
 @dataclass(frozen=True, eq=False)

@@ -80,6 +80,9 @@ class Snapshot:
     silenced: int = 0
     run_states: Mapping[str, str] = field(default_factory=dict)
     suppressed: Mapping[str, int] = field(default_factory=dict)
+    extra: Mapping[str, float] = field(default_factory=dict)
+    """Companions' gauges (``reactor.service.companion``), e.g. the NATS outbox."""
+    extra_problems: tuple[str, ...] = ()
 
     def problems(self) -> list[str]:
         """Why the sidecar is unhealthy; empty when it is healthy."""
@@ -88,12 +91,15 @@ class Snapshot:
             found.append("the journal cannot be written; new work waits in memory")
         if self.rules <= 0:
             found.append("no rules are loaded")
+        found.extend(self.extra_problems)
         return found
 
     def health(self) -> dict[str, Any]:
         """The ``/healthz`` document."""
         problems = self.problems()
+        extra = {"fleet": dict(self.extra)} if self.extra else {}
         return {
+            **extra,
             "status": "unhealthy" if problems else "ok",
             "rules_loaded": self.rules > 0,
             "rules": self.rules,
@@ -296,6 +302,8 @@ def _families(snap: Snapshot | None, events: Mapping[str, Mapping[str, list[int]
         value = None if snap is None else float(getattr(snap, attr))
         families.append(kind(PREFIX + name, text, value=value))
     if snap is not None:
+        for name, number in sorted(snap.extra.items()):
+            families.append(GaugeMetricFamily(PREFIX + name, f"fleet: {name}", value=number))
         for vm, up in sorted(snap.vms.items()):
             connected.add_metric([encodable(vm)], 1.0 if up else 0.0)
     families.extend(_remediation(snap, events))
