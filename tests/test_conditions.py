@@ -7,9 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reactor.rules.compiler import load_rules
 from reactor.rules.conditions import COMBINATORS, OPERATORS, json_equal
+from reactor.rules.paths import compile_path
 
 ENV: dict[str, Any] = {
     "event": "QUORUM_REPORT_BAD",
@@ -138,3 +141,20 @@ def test_json_equal_is_strict_about_types() -> None:
     assert not json_equal({"a": 1}, {"a": 1, "b": 2})
     assert not json_equal([1], [1, 1])
     assert json_equal(None, None)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_PATHS = ["$.data[0]", "$.data[*].x", "$.data.a[1:]", "$.data..b", "$.data[?(@.x > 1)]", "$[0]"]
+
+
+@given(doc=_JSON, text=st.sampled_from(_PATHS))
+def test_a_path_that_does_not_fit_the_document_selects_nothing(doc: Any, text: str) -> None:
+    """Guests and peers choose the data's shape: no path raises on it (``[0]`` on an object)."""
+    found = compile_path(text).find({"event": "STOP", "data": doc})
+    assert isinstance(found, list)

@@ -78,7 +78,12 @@ def _general(text: str) -> Callable[[Any], list[Any]]:
         raise PathSyntaxError(f"invalid JSONPath {text!r}: {err}") from err
 
     def find(doc: Any) -> list[Any]:
-        return [m.value for m in expr.find(doc)]
+        # Whatever the document's shape (it comes from a guest or a peer), a path that does
+        # not fit it selects nothing: jsonpath-ng raises, e.g. KeyError for ``[0]`` on an object.
+        try:
+            return [m.value for m in expr.find(doc)]
+        except Exception:
+            return []
 
     return find
 
