@@ -78,42 +78,6 @@ def _loads(line: str | bytes) -> Any:
 
 def envelope_of(obj: Any, default_vm: str) -> Envelope:
     """A parsed line (``obj``) into a partial envelope; raises ValueError with what is wrong."""
-    # The hot path of a replay: all checks at once with exact types (orjson makes
-    # exact types); anything unusual takes the slow path, which says what is wrong.
-    if obj.__class__ is dict:
-        get = obj.get
-        event, ts, data, vm = get("event"), get("timestamp"), get("data", _NONE), get("vm", _NONE)
-        if data is _NONE:
-            data = {}  # QEMU leaves it out when empty
-        if vm is _NONE:
-            vm = default_vm
-        if (
-            event.__class__ is str
-            and event
-            and data.__class__ is dict
-            and ts.__class__ is dict
-            and vm.__class__ is str
-            and vm
-        ):
-            s, us = ts.get("seconds"), ts.get("microseconds")
-            if s.__class__ is int and us.__class__ is int and s >= 0 and 0 <= us < 1_000_000:
-                env = {
-                    "event": event,
-                    "data": data,
-                    "timestamp": ts,
-                    "vm": vm,
-                    "host": get("host", "replay"),
-                    "received_at": s + us / 1e6,
-                }
-                caused_by = get("caused_by")
-                if caused_by.__class__ is dict:
-                    env["caused_by"] = caused_by
-                return env
-    return _checked_envelope(obj, default_vm)
-
-
-def _checked_envelope(obj: Any, default_vm: str) -> Envelope:
-    """``parse_event`` for any parsed line: each check in turn, with its message."""
     if not isinstance(obj, dict):
         raise ValueError("a line must be a JSON object (one QMP event)")
     event = obj.get("event")
