@@ -14,10 +14,13 @@ from hypothesis import strategies as st
 
 from reactor.clock import VirtualClock
 from reactor.engine.keys import compiled_keyfunc, keyfunc
-from reactor.engine.replay import ReplayInput, _feed_one, parse_event, time_text
+from reactor.engine.replay import ReplayInput, _feed_one, parse_event, replay, time_text
 from reactor.errors import Diagnostic, Location
 from reactor.model import Envelope
+from reactor.rules.compiler import load_rules
 from reactor.rules.paths import compile_path
+from reactor.rules.ruleset import RuleSet
+from reactor.service.loader import bundled_rules
 
 ATOMS = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4)
 JSON = st.recursive(
@@ -113,3 +116,56 @@ TIMES = (
 @given(t=TIMES)
 def test_time_text_is_the_repr_of_the_rounded_time(t: float) -> None:
     assert time_text(t) == repr(round(t, 6))
+
+
+# -- the engine's compiled routes against its explained path ----------------------------------
+
+F = st.fixed_dictionaries
+DATA = {
+    "VSERPORT_CHANGE": F({"id": st.sampled_from(["p0", "p1"]), "open": st.booleans()}),
+    "STOP": st.just({}),
+    "RESUME": st.just({}),
+    "SHUTDOWN": F({"guest": st.booleans()}),
+    "BALLOON_CHANGE": F({"actual": st.integers(0, 9)}),
+    "RTC_CHANGE": F({"offset": st.integers(0, 9)}),
+    "WATCHDOG": st.just({"action": "reset"}),
+    "GUEST_PANICKED": st.just({"action": "pause"}),
+    "QUORUM_REPORT_BAD": F({"node-name": st.sampled_from(["r0", "r1"]), "type": st.just("read")}),
+    "QUORUM_FAILURE": st.just({"reference": "q0"}),
+    "BLOCK_IO_ERROR": F({"device": st.just(""), "node-name": st.sampled_from(["d0", "d1"]),
+                         "operation": st.just("write"), "nospace": st.booleans()}),
+    "REACTOR_DISCONNECTED": F({"shutdown_seen": st.booleans(), "reason": st.just("EOF")}),
+}  # fmt: skip
+STEPS = st.lists(
+    st.tuples(
+        st.integers(0, 1_500_000) | st.integers(0, 400_000_000),  # microseconds since the last
+        st.sampled_from(["vm1", "vm2"]),
+        st.sampled_from(sorted(DATA)).flatmap(lambda name: st.tuples(st.just(name), DATA[name])),
+    ),
+    max_size=40,
+)
+
+
+def default_pack() -> RuleSet:
+    files = [p for p in sorted(bundled_rules().glob("*.yaml")) if not p.name.endswith("_test.yaml")]
+    rules, problems = load_rules(files)
+    assert not [d for d in problems if d.severity == "error"], problems
+    return rules
+
+
+def firings(rules: RuleSet, lines: list[str], **kw: Any) -> list[tuple[Any, ...]]:
+    got = replay([ReplayInput("in", lines, "in")], rules, **kw).firings
+    return [(f.rule.name, f.time, f.envelope["seq"], f.context) for f in got]
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps=STEPS)
+def test_compiled_routes_fire_as_the_explained_path_does(steps: list[Any]) -> None:
+    rules, t, lines = default_pack(), 1_700_000_000_000_000, []
+    for gap, vm, (event, data) in steps:
+        t += gap
+        stamp = {"seconds": t // 1_000_000, "microseconds": t % 1_000_000}
+        lines.append(json.dumps({"event": event, "data": data, "timestamp": stamp, "vm": vm}))
+    told: list[str] = []
+    explained = firings(rules, lines, explain=lambda env, rule, why: told.append(why))
+    assert firings(rules, lines) == explained

@@ -4,7 +4,7 @@ A throttle, a threshold or a correlation keeps one state per key. ``keyfunc`` is
 the reference: for each path its selected values, ``freeze``-d. ``compiled_keyfunc``
 is the same function generated for plain paths (``$.vm``, ``$.data.node-name``),
 the common case on the hot path: each key read once, no list built, and a value
-that is a hashable atom used as it is (``tests/test_keys.py`` holds both equal).
+that is a hashable atom used as it is (``tests/test_fast_paths.py`` holds both equal).
 """
 
 from __future__ import annotations
