@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from reactor.clock import VirtualClock
@@ -114,6 +114,10 @@ TIMES = (
 
 @settings(max_examples=2000, deadline=None)
 @given(t=TIMES)
+@example(t=1.0078125)  # exactly halfway between two 6-decimal values: to even
+@example(t=1.0078135)
+@example(t=2.0**32 - 2.0**-20)
+@example(t=1795238424.0)
 def test_time_text_is_the_repr_of_the_rounded_time(t: float) -> None:
     assert time_text(t) == repr(round(t, 6))
 

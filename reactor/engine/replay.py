@@ -302,19 +302,15 @@ _TEXT_CACHE_LIMIT = 4096
 
 
 def time_text(t: float) -> str:
-    """``repr(round(t, 6))``, the dry run's time, computed without float formatting when exact.
+    """``repr(round(t, 6))``, the dry run's time, by one fixed-point format when that is exact.
 
-    For ``1 <= t < 2**32`` a double's spacing is under 1e-6 and ``t * 1e6`` is
-    within 0.25 of the exact product, so when that product is within 0.25 of an
-    integer ``k``, ``round(t, 6)`` is the double nearest ``k / 10**6``, whose
-    shortest repr is that decimal without trailing zeros.
+    ``f"{t:.6f}"`` rounds the exact value of ``t`` to 6 decimals as ``round`` does (half
+    to even). For ``1 <= t < 2**32`` doubles are less than 1e-6 apart, so the double
+    nearest that decimal has it, trailing zeros dropped, as its shortest repr.
     """
     if 1.0 <= t < 4294967296.0:
-        x = t * 1e6
-        k = int(x + 0.5)
-        if -0.25 < x - k < 0.25:
-            seconds, micros = divmod(k, 1_000_000)
-            return f"{seconds}.{micros:06d}".rstrip("0") if micros else f"{seconds}.0"
+        text = f"{t:.6f}".rstrip("0")
+        return text if text[-1] != "." else text + "0"
     return repr(round(t, 6))
 
 
