@@ -55,7 +55,8 @@ class VirtualClock:
 
     def call_at(self, when: float, callback: Callable[[], None]) -> _VirtualTimer:
         """Schedule ``callback`` at virtual time ``when`` (at once if in the past)."""
-        timer = _VirtualTimer(max(when, self._now), callback)
+        now = self._now
+        timer = _VirtualTimer(now if now > when else when, callback)  # max(), without its call
         heapq.heappush(self._heap, (timer.when, next(self._order), timer))
         return timer
 
@@ -66,7 +67,8 @@ class VirtualClock:
             when, _, timer = heapq.heappop(heap)
             if timer.cancelled:
                 continue
-            self._now = max(self._now, when)
+            if when > self._now:
+                self._now = when
             timer.callback()
         if to > self._now:
             self._now = to

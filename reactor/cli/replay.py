@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +91,23 @@ def _silenced(state_dir: Path, explain: bool) -> SilenceFilter:
     return SilenceFilter(stored, now=lambda firing: firing.time, on_silenced=said)
 
 
+@contextmanager
+def _young_garbage_collected_rarely() -> Iterator[None]:
+    """The cyclic collector every 20,000 new objects instead of 700, for the dry run.
+
+    A replay's per-event objects form no reference cycles (their memory is freed
+    as each event is done), so a collection only rescans the live windows: 5-10%
+    of the events' CPU, spent for nothing. Lines that do leave cycles (bad ones,
+    through their exceptions) are still collected, less often.
+    """
+    young, *older = gc.get_threshold()
+    gc.set_threshold(max(young, 20_000), *older)
+    try:
+        yield
+    finally:
+        gc.set_threshold(young, *older)
+
+
 def run(args: argparse.Namespace) -> int:
     """Replay; exit 1 if a line was malformed or rules are invalid."""
     with loading():
@@ -106,16 +126,17 @@ def run(args: argparse.Namespace) -> int:
     sink: Callable[[Firing], None] = DryRunWriter(sys.stdout)
     if args.state_dir is not None:
         sink = _silenced(args.state_dir, args.explain).wrap(sink)
-    result = replay(
-        open_inputs(args.events),
-        gen.rules,
-        sink=sink,
-        qemu_stage=not args.no_qemu_stage,
-        qemu_version=args.qemu,
-        explain=_explainer if args.explain else None,
-        observe=_explain_event if args.explain else None,
-        collect=False,
-    )
+    with _young_garbage_collected_rarely():
+        result = replay(
+            open_inputs(args.events),
+            gen.rules,
+            sink=sink,
+            qemu_stage=not args.no_qemu_stage,
+            qemu_version=args.qemu,
+            explain=_explainer if args.explain else None,
+            observe=_explain_event if args.explain else None,
+            collect=False,
+        )
     sys.stdout.flush()
     for problem in result.problems:
         print(problem, file=sys.stderr)

@@ -18,7 +18,7 @@ from reactor.clock import Clock
 from reactor.engine import state
 from reactor.engine.correlation import Correlator
 from reactor.engine.gates import QemuStage, RuleGate
-from reactor.engine.routes import Route, compile_route
+from reactor.engine.routes import Route, compile_route, ignore
 from reactor.model import Envelope, Firing, Rule
 from reactor.rules.ruleset import RuleSet, covers
 
@@ -177,7 +177,9 @@ class Engine:
         if self.observe is not None or self.explain is not None:
             way = self._staged if staged else self._match
         elif stage is not None and staged:
-            way = _admitted(stage.admit, self._route(event))
+            # An event no rule takes is not staged: whatever the stage did, nothing fires.
+            route = self._route(event)
+            way = route if route is ignore else _admitted(stage.admit, route)
         else:
             way = self._route(event)
         if stage is not None and event == "REACTOR_CONNECTED":

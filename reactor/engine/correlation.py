@@ -26,7 +26,7 @@ from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 from reactor.clock import Clock, TimerHandle
-from reactor.engine.gates import _keyfunc
+from reactor.engine.keys import compiled_keyfunc
 from reactor.engine.windowsets import thaw
 from reactor.model import Correlation, Envelope, Rule
 
@@ -73,7 +73,7 @@ class Correlator:
         self._clock = clock
         self._out = out
         self._explain = explain
-        self._key = _keyfunc(self._corr.key)
+        self._key = compiled_keyfunc(self._corr.key)
         self._follows = self._corr.condition
         self._pending: dict[Hashable, _Pending] = {}
         self.overflow = 0
@@ -102,11 +102,15 @@ class Correlator:
             return
         del self._pending[key]
         pending.timer.cancel()
-        if self._corr.kind == "absent":
-            self._say(env, f"follower: cancels the first at {_t(pending.since)} (absent)")
-            return
-        self._say(env, f"follower of the first at {_t(pending.since)}: fires")
-        self._out({**env, "first": pending.env})
+        absent = self._corr.kind == "absent"
+        if self._explain is not None:  # the messages only for --explain: this is the hot path
+            since = _t(pending.since)
+            if absent:
+                self._say(env, f"follower: cancels the first at {since} (absent)")
+            else:
+                self._say(env, f"follower of the first at {since}: fires")
+        if not absent:
+            self._out({**env, "first": pending.env})
 
     def first(self, env: Envelope) -> str | None:
         """Offer a matched first event; None if it became pending, else why not."""
@@ -114,17 +118,16 @@ class Correlator:
         pending = self._pending.get(key)
         if pending is not None:
             return f"ignored as a first: one of this key is pending since {_t(pending.since)}"
-        if len(self._pending) >= PENDING_LIMIT:
-            self.overflow += 1
+        pending = self._open(key, env)
+        if pending is None:
             return f"ignored as a first: {PENDING_LIMIT} firsts are pending"
-        now = self._clock.now()
-        until = now + self._corr.within
-        self._pend(key, env, now)
-        return f"pending since {_t(now)}: waiting until {_t(until)} for {self._followers()}"
+        since, until = _t(pending.since), _t(pending.since + self._corr.within)
+        return f"pending since {since}: waiting until {until} for {self._followers()}"
 
-    def _pend(self, key: Hashable, env: Envelope, since: float) -> None:
+    def _pend(self, key: Hashable, env: Envelope, since: float) -> _Pending:
         timer = self._clock.call_at(since + self._corr.within, lambda: self._deadline(key))
-        self._pending[key] = _Pending(env, since, timer)
+        pending = self._pending[key] = _Pending(env, since, timer)
+        return pending
 
     def dump(self, base: float) -> list[list[Any]]:
         """The pending firsts as JSON-able rows ``[key, envelope, since]`` (since - ``base``)."""
@@ -143,8 +146,17 @@ class Correlator:
             pending.timer.cancel()
 
     def push(self, env: Envelope) -> None:
-        """``first`` for the compiled routes, which ignore the reason."""
-        self.first(env)
+        """``first`` for the compiled routes, which ignore the reason (none is written)."""
+        key = self._key(env)
+        if key not in self._pending:
+            self._open(key, env)
+
+    def _open(self, key: Hashable, env: Envelope) -> _Pending | None:
+        """A new pending first for ``key``, or None (counted) if ``PENDING_LIMIT`` are pending."""
+        if len(self._pending) >= PENDING_LIMIT:
+            self.overflow += 1
+            return None
+        return self._pend(key, env, self._clock.now())
 
     def _deadline(self, key: Hashable) -> None:
         pending = self._pending.pop(key, None)

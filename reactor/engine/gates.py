@@ -22,40 +22,17 @@ across sets (the stage, each rule's gate), in the order of the sets' timers.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from reactor.clock import Clock
+from reactor.engine.keys import compiled_keyfunc, freeze
 from reactor.engine.windowsets import OnceAfter, OnceWithin, QemuWindows, Threshold, Throttle
-from reactor.model import CompiledPath, Envelope, Firing, Rule
+from reactor.model import Envelope, Firing, Rule
 from reactor.rules.catalog import load_catalog, qemu_version_of
 
 QEMU_RATE = 1.0
 """Seconds between two events of one QEMU throttle key (monitor.c: 1e9 ns, every type)."""
-
-_KeyFunc = Callable[[Envelope], Hashable]
-
-
-def _freeze(values: list[Any]) -> Hashable:
-    """The values a key path found, as a dict key; unhashable values by canonical JSON."""
-    key = tuple(values)
-    try:
-        hash(key)
-    except TypeError:
-        return json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
-    return key
-
-
-def _keyfunc(paths: Sequence[CompiledPath]) -> _KeyFunc:
-    """One function per rule computing its key; specialised so one path costs one call."""
-    if not paths:
-        return lambda env: ()
-    if len(paths) == 1:
-        find = paths[0].find
-        return lambda env: _freeze(find(env))
-    finds = tuple(p.find for p in paths)
-    return lambda env: tuple([_freeze(f(env)) for f in finds])
 
 
 def _fields(table: Mapping[str, str | None]) -> dict[str, str]:
@@ -163,7 +140,7 @@ class QemuStage:
             return True
         value = env["data"].get(field) if field else None
         if value is not None and value.__class__ is not str:
-            value = _freeze([value])
+            value = freeze([value])
         return self._windows.offer((env["vm"], event, value), env) is None
 
     def throttles(self, event: str) -> bool:
@@ -243,11 +220,11 @@ class RuleGate:
         threshold, throttle = rule.threshold, rule.throttle
         self._per_pass = threshold.count if threshold is not None else 1
         self._threshold: Threshold | None = None
-        self._threshold_key = _keyfunc(threshold.key if threshold is not None else ())
+        self._threshold_key = compiled_keyfunc(threshold.key if threshold is not None else ())
         if threshold is not None and threshold.count > 1:
             self._threshold = Threshold(clock, threshold.window, threshold.count)
         self._throttle: Throttle | None = None
-        self._throttle_key = _keyfunc(throttle.key if throttle is not None else ())
+        self._throttle_key = compiled_keyfunc(throttle.key if throttle is not None else ())
         if throttle is not None:
             self._throttle = _THROTTLES[throttle.mode](clock, throttle.window, self._out)
         self._context = _context(rule)

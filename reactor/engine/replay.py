@@ -66,46 +66,18 @@ _NONE: Any = object()
 
 def parse_event(line: str | bytes, default_vm: str) -> Envelope:
     """One JSON line into a partial envelope; raises ValueError with what is wrong."""
+    return envelope_of(_loads(line), default_vm)
+
+
+def _loads(line: str | bytes) -> Any:
     try:
-        obj = orjson.loads(line)
+        return orjson.loads(line)
     except orjson.JSONDecodeError as err:
         raise ValueError(f"invalid JSON at column {err.colno}: {err.msg}") from err
-    # The hot path of a replay: all checks at once with exact types (orjson makes
-    # exact types); anything unusual takes the slow path, which says what is wrong.
-    if obj.__class__ is dict:
-        get = obj.get
-        event, ts, data, vm = get("event"), get("timestamp"), get("data", _NONE), get("vm", _NONE)
-        if data is _NONE:
-            data = {}  # QEMU leaves it out when empty
-        if vm is _NONE:
-            vm = default_vm
-        if (
-            event.__class__ is str
-            and event
-            and data.__class__ is dict
-            and ts.__class__ is dict
-            and vm.__class__ is str
-            and vm
-        ):
-            s, us = ts.get("seconds"), ts.get("microseconds")
-            if s.__class__ is int and us.__class__ is int and s >= 0 and 0 <= us < 1_000_000:
-                env = {
-                    "event": event,
-                    "data": data,
-                    "timestamp": ts,
-                    "vm": vm,
-                    "host": get("host", "replay"),
-                    "received_at": s + us / 1e6,
-                }
-                caused_by = get("caused_by")
-                if caused_by.__class__ is dict:
-                    env["caused_by"] = caused_by
-                return env
-    return _checked_envelope(obj, default_vm)
 
 
-def _checked_envelope(obj: Any, default_vm: str) -> Envelope:
-    """``parse_event`` for any parsed line: each check in turn, with its message."""
+def envelope_of(obj: Any, default_vm: str) -> Envelope:
+    """A parsed line (``obj``) into a partial envelope; raises ValueError with what is wrong."""
     if not isinstance(obj, dict):
         raise ValueError("a line must be a JSON object (one QMP event)")
     event = obj.get("event")
@@ -217,18 +189,59 @@ def _feed_one(
     clock: VirtualClock,
     problems: list[Diagnostic],
 ) -> int:
-    """One input in file order: the common case, as one loop (no generator per event)."""
-    name, vm, advance = inp.name, inp.vm, clock.advance
+    """One input in file order: the common case, as one loop with no call per line to parse it.
+
+    A line of exactly ``event``, ``data``, ``timestamp`` and ``vm`` (as a recording
+    of many VMs has them) becomes its envelope here, checked as ``envelope_of`` checks
+    it; any other line goes through ``envelope_of``, which is the reference
+    (``tests/test_fast_paths.py`` holds both equal).
+    """
+    name, default_vm, advance, loads = inp.name, inp.vm, clock.advance, orjson.loads
     seq = 0
     for lineno, line in enumerate(inp.lines, 1):
         try:
-            env = parse_event(line, vm)
-        except ValueError as err:
-            _problem(problems, inp, lineno, line, err)
-            continue
-        seq += 1
-        env["source"] = name
-        env["seq"] = seq
+            obj = loads(line)
+        except orjson.JSONDecodeError:
+            obj = _NONE
+        event = None
+        if obj.__class__ is dict and len(obj) == 4:
+            try:
+                event, data, ts, vm = obj["event"], obj["data"], obj["timestamp"], obj["vm"]
+                s, us = ts["seconds"], ts["microseconds"]
+            except (KeyError, TypeError):
+                event = None
+        if (
+            event.__class__ is str
+            and event
+            and data.__class__ is dict
+            and vm.__class__ is str
+            and vm
+            and ts.__class__ is dict
+            and s.__class__ is int
+            and us.__class__ is int
+            and s >= 0
+            and 0 <= us < 1_000_000
+        ):
+            seq += 1
+            env: Envelope = {
+                "event": event,
+                "data": data,
+                "timestamp": ts,
+                "vm": vm,
+                "host": "replay",
+                "received_at": s + us / 1e6,
+                "source": name,
+                "seq": seq,
+            }
+        else:
+            try:  # the JSON of a bad line is parsed again, for the message
+                env = envelope_of(obj, default_vm) if obj is not _NONE else parse_event(line, "")
+            except ValueError as err:
+                _problem(problems, inp, lineno, line, err)
+                continue
+            seq += 1
+            env["source"] = name
+            env["seq"] = seq
         advance(env["received_at"])
         feed(env)
     return seq
@@ -289,19 +302,15 @@ _TEXT_CACHE_LIMIT = 4096
 
 
 def time_text(t: float) -> str:
-    """``repr(round(t, 6))``, the dry run's time, computed without float formatting when exact.
+    """``repr(round(t, 6))``, the dry run's time, by one fixed-point format when that is exact.
 
-    For ``1 <= t < 2**32`` a double's spacing is under 1e-6 and ``t * 1e6`` is
-    within 0.25 of the exact product, so when that product is within 0.25 of an
-    integer ``k``, ``round(t, 6)`` is the double nearest ``k / 10**6``, whose
-    shortest repr is that decimal without trailing zeros.
+    ``f"{t:.6f}"`` rounds the exact value of ``t`` to 6 decimals as ``round`` does (half
+    to even). For ``1 <= t < 2**32`` doubles are less than 1e-6 apart, so the double
+    nearest that decimal has it, trailing zeros dropped, as its shortest repr.
     """
     if 1.0 <= t < 4294967296.0:
-        x = t * 1e6
-        k = int(x + 0.5)
-        if -0.25 < x - k < 0.25:
-            digits = str(k)
-            return f"{digits[:-6]}.{digits[-6:].rstrip('0') or '0'}"
+        text = f"{t:.6f}".rstrip("0")
+        return text if text[-1] != "." else text + "0"
     return repr(round(t, 6))
 
 

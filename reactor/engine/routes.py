@@ -30,7 +30,7 @@ def compile_route(
     that does not match.
     """
     if not rules:
-        return _ignore
+        return ignore
     names: dict[str, Any] = {"SINK": sink, "FIRING": Firing, "NOW": now}
     names.update((f"GATE{i}", gates[r.name]) for i, r in enumerate(rules) if r.name in gates)
 
@@ -43,8 +43,8 @@ def compile_route(
     return fn
 
 
-def _ignore(env: Envelope) -> None:
-    pass
+def ignore(env: Envelope) -> None:
+    """The route of an event that no rule takes."""
 
 
 def _generate(
