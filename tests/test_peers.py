@@ -397,7 +397,7 @@ def test_a_peer_that_withholds_its_reply_while_streaming_cannot_grow_us(
     sockdir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = str(sockdir / "bomb.qmp")
-    events = 40  # 36 MiB; before, every one was held until the reply came
+    events = 60  # 53 MiB; before, every one was held until the reply came
 
     async def scenario() -> int:
         rec = Slim()
@@ -423,7 +423,9 @@ def test_a_peer_that_withholds_its_reply_while_streaming_cannot_grow_us(
     finally:
         tracemalloc.stop()
     assert sent > events * BIG
-    assert peak < 20 * 1024 * 1024, f"peak {peak / 2**20:.0f} MiB"
+    # The 8 MiB held, one event being parsed and the fake peer's own buffers (in this process
+    # too, and larger when the machine is busy); everything held would be over 53 MiB.
+    assert peak < 32 * 1024 * 1024, f"peak {peak / 2**20:.0f} MiB"
     assert "events dropped while connecting" in caplog.text
 
 
