@@ -291,6 +291,35 @@ def test_sidecar_counts_a_dead_letter_and_a_success(tmp_path: Path) -> None:
     assert (status, health["dead_letters"], health["rules"]) == (200, 1, 2)
 
 
+@pytest.mark.qemu
+def test_a_silenced_firing_is_counted_as_suppressed_by_a_silence(tmp_path: Path) -> None:
+    receiver = Receiver()
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        webhook_rule("heard", "STOP", receiver.url),
+        webhook_rule("quiet", "STOP", receiver.url),
+    )
+    add = [sys.executable, "-m", "reactor", "silence", "add", "--state-dir", tmp_path / "state"]
+    add += ["--vm", "vm1", "--rule", "quiet", "--for", "1h", "--comment", "maintenance"]
+    added = subprocess.run(add, capture_output=True, timeout=60)
+    assert added.returncode == 0, added.stderr
+    try:
+        with ThrowawayQemu(name="vm1", extra_qmp=["vm1"]) as q:
+            cfg = {"rules": [str(rules)], "qmp": [str(q.qmp_socket("vm1"))]}
+            with Sidecar(tmp_path, cfg) as sidecar:
+                sidecar.start().wait_log("vm1: connected")
+                q.qmp.execute("stop")
+                suppressed = "qmp_reactor_firings_suppressed_total"
+                s = sidecar.wait_metric(lambda s: s.value(suppressed, reason="silence") == 1)
+                receiver.wait(lambda r: len(r.delivered) == 1, 30, "the unsilenced webhook")
+                assert sidecar.stop() == 0
+    finally:
+        receiver.close()
+    assert s.value("qmp_reactor_firings_silenced_total") == 1  # as before, beside it
+    assert s.value(suppressed, reason="guard") == 0
+    assert len(receiver.requests) == 1
+
+
 def test_sidecar_without_rules_is_unhealthy_and_metrics_can_be_off(tmp_path: Path) -> None:
     rules = tmp_path / "empty.yaml"
     rules.write_text("rules: []\n")
