@@ -11,6 +11,8 @@
     ├── JournalError             a journal read or write failed (reactor.dispatch.journal)
     └── ActionError              an action invocation failed
         ├── TransientActionError   worth retrying (connection refused, 5xx, timeout)
+        │   └── ActionNotDue       not a failure: run it again after ``retry_after``, no slot
+        │                          held and no attempt spent meanwhile (a restart's backoff)
         └── PermanentActionError   retrying cannot help (4xx, refused by policy)
 
 Outside the root, errors a layer raises and handles itself (or that extend
@@ -115,6 +117,17 @@ class TransientActionError(ActionError):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ActionNotDue(TransientActionError):
+    """The action may not act before ``retry_after`` seconds from now (a backoff it keeps).
+
+    Not a failure: the dispatcher runs the invocation again then, holds no concurrency
+    slot while it waits and does not count the attempt against the rule's ``retry:``.
+    """
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, retry_after)
 
 
 class PermanentActionError(ActionError):

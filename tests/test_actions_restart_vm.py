@@ -22,7 +22,7 @@ from reactor.actions._restart_guard import Backoff
 from reactor.actions._restart_prep import dump_path_problem
 from reactor.actions.exec import DISABLED
 from reactor.actions.restart_vm import Plugin, RestartGuard, RestartParams, make_restart_vm
-from reactor.errors import PermanentActionError, TransientActionError
+from reactor.errors import ActionNotDue, PermanentActionError, TransientActionError
 from reactor.plugins.api import ActionContext, ActionSettings, CheckContext
 
 CAUSE = ("panic", "restart_vm")
@@ -422,6 +422,7 @@ def test_a_refused_dump_path_still_restarts() -> None:
         {"backoff": {"initial": "2m", "max": "1m"}},
         {"backoff": {"initial": 0}},
         {"backoff": {"factor": 3}},
+        {"backoff": True},
         {"dump": "crash.elf"},
         {"dump": "{{ vm }}.elf"},
         {"jobs_timeout": 0},
@@ -442,10 +443,64 @@ def test_what_qemu_says_of_its_jobs_is_bounded_and_escaped() -> None:
     assert f"'backup\\n\\x1b[2J' job '{'x' * 64}' \"{{'deep': [1]}}\"" in message
 
 
+def test_a_wait_longer_than_a_moment_is_handed_back_to_the_dispatcher() -> None:
+    now = [1000.0]
+    guard = RestartGuard(clock=lambda: now[0])
+    vm = FakeQemu("guest-panicked")
+    params = {"backoff": {"initial": "20s", "max": "20s", "reset_after": "1h"}}
+    restart(vm, params, guard=guard, ctx=make_ctx(vm, "inv-1"))
+    vm.status = "guest-panicked"
+    vm.calls.clear()
+    with pytest.raises(ActionNotDue, match=r"waits 20\.0s: restart 2 in a row") as caught:
+        restart(vm, params, guard=guard, ctx=make_ctx(vm, "inv-2"))
+    assert caught.value.retry_after == 20
+    now[0] += 15  # the dispatcher ran it again early: it waits what is left
+    with pytest.raises(ActionNotDue) as caught:
+        restart(vm, params, guard=guard, ctx=make_ctx(vm, "inv-2"))
+    assert caught.value.retry_after == 5
+    assert "system_reset" not in vm.calls and vm.status == "guest-panicked"
+    now[0] += 5
+    result = restart(vm, params, guard=guard, ctx=make_ctx(vm, "inv-2"))
+    assert (result["streak"], result["waited"], vm.status) == (2, 20, "running")
+    assert guard.decide("web1", "inv-3", 10, 600).restarts == 3  # inv-2 counted once
+
+
+def test_the_configurations_backoff_applies_unless_the_rule_sets_one() -> None:
+    site = {"initial": 30.0, "max": 60.0, "reset_after": 600.0}
+    for params, wait in [({}, 30), ({"backoff": {"initial": "20s"}}, 20), ({"backoff": False}, 0)]:
+        guard, vm = RestartGuard(), FakeQemu("guest-panicked")
+        restart(vm, params, guard=guard, ctx=make_ctx(vm, "inv-1", restart_backoff=site))
+        vm.status = "guest-panicked"
+        second = make_ctx(vm, "inv-2", restart_backoff=site)
+        if wait:
+            with pytest.raises(ActionNotDue) as caught:
+                restart(vm, params, guard=guard, ctx=second)
+            assert round(caught.value.retry_after) == wait
+        else:
+            assert "streak" not in restart(vm, params, guard=guard, ctx=second)
+
+
 def test_a_vm_started_by_someone_else_during_the_backoff_is_not_reset_again() -> None:
+    now = [1000.0]
+    guard = RestartGuard(clock=lambda: now[0])
+    vm = FakeQemu("guest-panicked")
+    params = {"backoff": {"initial": "1m", "max": "1m"}}
+    restart(vm, params, guard=guard, ctx=make_ctx(vm, "inv-1"))
+    vm.status = "guest-panicked"
+    vm.calls.clear()
+    with pytest.raises(ActionNotDue):
+        restart(vm, params, guard=guard, ctx=make_ctx(vm, "inv-2"))
+    vm.status = "running"  # an operator's system_reset and cont
+    now[0] += 60
+    result = restart(vm, params, guard=guard, ctx=make_ctx(vm, "inv-2"))
+    assert result["skipped"] == "running again" and result["streak"] == 2
+    assert vm.steps == ["query-status", "query-status"]
+
+
+def test_a_short_wait_is_slept_in_the_attempt_and_a_vm_started_meanwhile_is_left() -> None:
     guard = RestartGuard()
     vm = FakeQemu("guest-panicked")
-    params = {"backoff": {"initial": "1s", "max": "1s"}}
+    params = {"backoff": {"initial": "500ms", "max": "500ms"}}
     restart(vm, params, guard=guard, ctx=make_ctx(vm, "inv-1"))
     vm.status = "guest-panicked"
     vm.calls.clear()
@@ -453,8 +508,8 @@ def test_a_vm_started_by_someone_else_during_the_backoff_is_not_reset_again() ->
     async def second() -> Any:
         kind = make_restart_vm(guard, poll_interval=0.005)
         running = asyncio.create_task(kind.run(RestartParams(**params), make_ctx(vm, "inv-2")))
-        await asyncio.sleep(0.3)
-        vm.status = "running"  # an operator's system_reset and cont
+        await asyncio.sleep(0.2)
+        vm.status = "running"
         return await running
 
     result = asyncio.run(second())

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from reactor.dispatch.dispatcher import ActionOutcome, Dispatcher
 from reactor.dispatch.journal import Invocation, Journal
-from reactor.errors import Location, PermanentActionError, TransientActionError
+from reactor.errors import ActionNotDue, Location, PermanentActionError, TransientActionError
 from reactor.model import ActionSpec, Firing, RetryPolicy, Rule, RuleMode
 from reactor.plugins.api import ActionContext, ActionSettings, ActionType
 
@@ -54,6 +54,7 @@ class Lab:
                 ("sleepy2", self.sleepy),
                 ("peek", self.peek),
                 ("emitter", self.emitter),
+                ("later", self.later),
             )
         }
 
@@ -83,6 +84,13 @@ class Lab:
             self.running -= 1
             self.by_rule[ctx.rule] -= 1
             self.log.append(("end", p.tag))
+
+    async def later(self, p: Params, ctx: ActionContext) -> None:
+        """Not due the first ``fail`` times it runs (for ``retry_after`` each)."""
+        self.calls.append(ctx)
+        self.log.append(("later", str(ctx.attempt)))
+        if sum(c.invocation_id == ctx.invocation_id for c in self.calls) <= p.fail:
+            raise ActionNotDue("waits for its backoff", retry_after=p.retry_after or 0.0)
 
     async def emitter(self, p: Params, ctx: ActionContext) -> None:
         self.calls.append(ctx)
@@ -395,6 +403,34 @@ def test_global_limit(tmp_path: Path) -> None:
     rig = run(tmp_path, submit_all(*fs), max_concurrency=3)
     assert rig.lab.max_running == 3
     assert len(rig.lab.calls) == 10
+
+
+def test_an_action_not_due_waits_without_a_slot_or_an_attempt(tmp_path: Path) -> None:
+    once = RetryPolicy(attempts=1, initial=1.0, max=1.0, multiplier=2.0, jitter=0.0)
+    waiting = rule("w", ("later", {"fail": 1, "retry_after": 4.0}), retry=once)
+    other = rule("o", ("flaky", {}), mode="parallel")
+    ids: list[str] = []
+
+    async def body(rig: Rig) -> None:
+        ids.extend(i.id for i in rig.dispatcher.submit(firing(waiting, vm="crashing")))
+        while len(rig.lab.calls) < 1:
+            await asyncio.sleep(0.01)
+        rig.dispatcher.submit(firing(other, vm="web"))  # the one slot is free meanwhile
+        async with asyncio.timeout(60):
+            while not rig.outcomes:
+                await asyncio.sleep(0.01)
+        await rig.dispatcher.flush()
+        # Waiting: pending in the journal, no attempt spent (kill -9 now resumes it whole).
+        waits = row(tmp_path, ids[0])
+        assert waits is not None and (waits.status, waits.attempts) == ("pending", 0)
+        assert waits.last_error == "waits for its backoff"
+
+    rig = run(tmp_path, body, max_concurrency=1)
+    assert [(o.rule, o.status) for o in rig.outcomes] == [("o", "ok"), ("w", "ok")]
+    assert [c.attempt for c in rig.lab.calls if c.rule == "w"] == [1, 1]
+    assert rig.delays == []  # not the retry policy's (zeroed) waits: the action's, for real
+    done = row(tmp_path, ids[0])
+    assert done is not None and (done.status, done.attempts) == ("done", 1)
 
 
 def test_per_type_limit_leaves_other_types_free(tmp_path: Path) -> None:

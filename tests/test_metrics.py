@@ -8,11 +8,13 @@ prometheus_client's parser) and over real HTTP: in-process against
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -259,6 +261,17 @@ def test_a_chosen_address_must_work_the_default_may_be_taken(
 # -- from the running sidecar -----------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _stopped_vm(tmp_path: Path, rules: Path) -> Iterator[Sidecar]:
+    """A sidecar with ``rules`` on a real QEMU VM ``vm1`` that was just stopped."""
+    with ThrowawayQemu(name="vm1", extra_qmp=["vm1"]) as q:
+        cfg = {"rules": [str(rules)], "qmp": [str(q.qmp_socket("vm1"))]}
+        with Sidecar(tmp_path, cfg) as sidecar:
+            sidecar.start().wait_log("vm1: connected")
+            q.qmp.execute("stop")
+            yield sidecar
+
+
 @pytest.mark.qemu
 def test_sidecar_counts_a_dead_letter_and_a_success(tmp_path: Path) -> None:
     receiver = Receiver()
@@ -269,14 +282,10 @@ def test_sidecar_counts_a_dead_letter_and_a_success(tmp_path: Path) -> None:
             "attempts": 2, "initial": 0.01}}),
     )  # fmt: skip
     try:
-        with ThrowawayQemu(name="vm1", extra_qmp=["vm1"]) as q:
-            cfg = {"rules": [str(rules)], "qmp": [str(q.qmp_socket("vm1"))]}
-            with Sidecar(tmp_path, cfg) as sidecar:
-                sidecar.start().wait_log("vm1: connected")
-                q.qmp.execute("stop")
-                s = sidecar.wait_metric(lambda s: s.value("qmp_reactor_dead_letters") == 1)
-                status, health = sidecar.healthz()
-                assert sidecar.stop() == 0
+        with _stopped_vm(tmp_path, rules) as sidecar:
+            s = sidecar.wait_metric(lambda s: s.value("qmp_reactor_dead_letters") == 1)
+            status, health = sidecar.healthz()
+            assert sidecar.stop() == 0
     finally:
         receiver.close()
     assert s.value("qmp_reactor_actions_total", action="webhook", outcome="ok") == 1
@@ -289,6 +298,31 @@ def test_sidecar_counts_a_dead_letter_and_a_success(tmp_path: Path) -> None:
     assert s.value("qmp_reactor_rules") == 2
     assert s.value("qmp_reactor_info", version="0.1.0") == 1
     assert (status, health["dead_letters"], health["rules"]) == (200, 1, 2)
+
+
+@pytest.mark.qemu
+def test_a_silenced_firing_is_counted_as_suppressed_by_a_silence(tmp_path: Path) -> None:
+    receiver = Receiver()
+    rules = write_rules(
+        tmp_path / "rules.yaml",
+        webhook_rule("heard", "STOP", receiver.url),
+        webhook_rule("quiet", "STOP", receiver.url),
+    )
+    add = [sys.executable, "-m", "reactor", "silence", "add", "--state-dir", tmp_path / "state"]
+    add += ["--vm", "vm1", "--rule", "quiet", "--for", "1h", "--comment", "maintenance"]
+    added = subprocess.run(add, capture_output=True, timeout=60)
+    assert added.returncode == 0, added.stderr
+    suppressed = "qmp_reactor_firings_suppressed_total"
+    try:
+        with _stopped_vm(tmp_path, rules) as sidecar:
+            s = sidecar.wait_metric(lambda s: s.value(suppressed, reason="silence") == 1)
+            receiver.wait(lambda r: len(r.delivered) == 1, 30, "the unsilenced webhook")
+            assert sidecar.stop() == 0
+    finally:
+        receiver.close()
+    assert s.value("qmp_reactor_firings_silenced_total") == 1  # as before, beside it
+    assert s.value(suppressed, reason="guard") == 0
+    assert len(receiver.requests) == 1
 
 
 def test_sidecar_without_rules_is_unhealthy_and_metrics_can_be_off(tmp_path: Path) -> None:

@@ -4,6 +4,9 @@
   (an attempt that waited ``jobs_timeout`` fails and is retried), then it is.
 * A restart waiting out its backoff when the sidecar is killed with SIGKILL: the next sidecar
   carries it out.
+* With ``max_concurrency: 1``, a VM waiting out its backoff (the configuration's
+  ``actions.restart.backoff``) holds no slot: another VM's webhook reaches a loopback receiver
+  meanwhile, and the waiting restart then happens in one attempt.
 * The tiny guest panicking again and again (``echo c > /proc/sysrq-trigger`` under
   ``-action panic=pause`` and pvpanic-pci): each restart dumps the guest's memory first (the
   dump holds the panic, DUMP_COMPLETED reaches the rules), consecutive restarts wait longer
@@ -23,6 +26,7 @@ import pytest
 
 from reactor.demo.machine import ThrowawayQemu
 from tests.support.guest import PROMPT, READY_MARKER, booted_guest
+from tests.support.ops import Receiver
 from tests.support.sidecar import Sidecar
 
 pytestmark = pytest.mark.qemu
@@ -138,6 +142,66 @@ def test_a_restart_waiting_out_its_backoff_is_not_lost_to_a_kill_9(tmp_path: Pat
             _oks(second, 1)
         assert qemu.qmp.execute("query-status")["status"] == "running"
     assert second.returncode == 0
+
+
+ONE_SLOT = """\
+actions:
+  max_concurrency: 1
+  restart: {backoff: {initial: 30s, max: 30s, reset_after: 1h}}
+"""
+
+SLOT_RULES = """\
+rules:
+  - name: stopped
+    on: STOP
+    actions:
+      - type: restart_vm
+        retry: {attempts: 1}
+  - name: powered-down
+    on: POWERDOWN
+    actions:
+      - type: webhook
+        with: {url: URL}
+"""
+
+
+def test_a_restart_waiting_out_its_backoff_holds_no_slot(tmp_path: Path) -> None:
+    receiver = Receiver()
+    config = tmp_path / "config.yaml"
+    config.write_text(ONE_SLOT)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(SLOT_RULES.replace("URL", receiver.url))
+    try:
+        with (
+            ThrowawayQemu(name="crashy", extra_qmp=["crashy"], memory_mb=64) as crashy,
+            ThrowawayQemu(name="web", extra_qmp=["web"], memory_mb=64) as web,
+            Sidecar(
+                tmp_path,
+                [crashy.qmp_socket("crashy"), web.qmp_socket("web")],
+                [rules],
+                extra_args=["--config", str(config)],
+            ) as sidecar,
+        ):
+            sidecar.wait_message("crashy: connected", 30)
+            sidecar.wait_message("web: connected", 30)
+            crashy.qmp.execute("stop")
+            _oks(sidecar, 1)  # the first restart at once
+            crashy.qmp.execute("stop")
+            sidecar.wait_message("restart 2 in a row (backoff)", 30)
+            web.qmp.execute("system_powerdown")
+            receiver.wait(lambda r: len(r.delivered) == 1, 25, "webhook")
+            # Delivered while the other VM still waits out its 30 s, in the one slot there is.
+            assert crashy.qmp.execute("query-status")["status"] == "paused"
+            assert len(sidecar.outcomes("restart_vm", "ok")) == 1
+            crashy.qmp.wait_event("RESET", 90, {"reason": "host-qmp-system-reset"})
+            _oks(sidecar, 2)
+            assert crashy.qmp.execute("query-status")["status"] == "running"
+            oks = [r["message"] for r in sidecar.outcomes("restart_vm", "ok")]
+            assert all(m.endswith(" attempt=1") for m in oks), oks
+        assert sidecar.returncode == 0
+        assert "Traceback" not in sidecar.log_text()
+    finally:
+        receiver.down()
 
 
 INITIAL_S, MAX_S, RESET_AFTER_S = 2, 3, 20

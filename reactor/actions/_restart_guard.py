@@ -37,6 +37,8 @@ class Restart:
     """When the VM was seen running again after it (None: not verified)."""
     dumped: bool = False
     """Whether the guest's memory was dumped before it."""
+    stopped: bool = False
+    """Whether the VM was seen not running while this restart waited out its backoff."""
 
     @property
     def running_since(self) -> float:
@@ -70,6 +72,9 @@ class Admission:
     due: float = 0.0
     """When the restart may happen, on the guard's clock."""
     dumped: bool = False
+    stopped: bool = False
+    at: float = 0.0
+    """When the restart was admitted, on the guard's clock."""
 
 
 class RestartHistory(Protocol):
@@ -144,14 +149,16 @@ class RestartGuard:
             recent = [r for r in kept if r.at > now - window]
             mine = next((r for r in kept if r.invocation == invocation_id), None)
             if mine is not None:
-                return Admission(True, len(recent), mine.streak, mine.due, mine.dumped)
+                return Admission(
+                    True, len(recent), mine.streak, mine.due, mine.dumped, mine.stopped, mine.at
+                )
             if len(recent) >= limit:
                 return Admission(False, len(recent))
             restart = self._next(kept[-1] if kept else None, invocation_id, now, backoff)
             # The last restart stays, even out of the window: the next streak counts from it.
             older = [r for r in kept[:-1] if r.at > now - window] + list(kept[-1:])
             self.history.save(vm, (*older, restart))
-            return Admission(True, len(recent) + 1, restart.streak, restart.due)
+            return Admission(True, len(recent) + 1, restart.streak, restart.due, at=now)
 
     @staticmethod
     def _next(
@@ -162,13 +169,27 @@ class RestartGuard:
         streak = last.streak + 1
         return Restart(invocation_id, now, max(now, last.due) + backoff.delay(streak), streak)
 
-    def note(self, vm: str, invocation_id: str, *, ran: bool = False, dumped: bool = False) -> None:
-        """Record that the VM ran again after this restart, or that its memory was dumped."""
+    def note(
+        self,
+        vm: str,
+        invocation_id: str,
+        *,
+        ran: bool = False,
+        dumped: bool = False,
+        stopped: bool = False,
+    ) -> None:
+        """Record that the VM ran again after this restart, that its memory was dumped, or
+        that it was seen stopped while the restart waited."""
         now = self.clock()
         with self._lock:
             kept = self.history.load(vm)
             changed = tuple(
-                dataclasses.replace(r, ran=now if ran else r.ran, dumped=dumped or r.dumped)
+                dataclasses.replace(
+                    r,
+                    ran=now if ran else r.ran,
+                    dumped=dumped or r.dumped,
+                    stopped=stopped or r.stopped,
+                )
                 if r.invocation == invocation_id
                 else r
                 for r in kept

@@ -6,7 +6,10 @@ it, has its own history; retries of one invocation count once): at most
 ``limit`` per VM per ``window``. Past that the action does nothing, raises the
 synthetic ``REACTOR_RESTART_SUPPRESSED`` event and reports itself suppressed: a
 restart loop is worse than a stopped VM. With ``backoff`` consecutive restarts
-of a VM wait longer each time, until it ran ``reset_after`` without one.
+of a VM wait longer each time, until it ran ``reset_after`` without one (the
+rule's ``backoff``, else the configuration's ``actions.restart.backoff``). A
+restart not yet due raises ``ActionNotDue`` so that the dispatcher runs it again
+then, holding no concurrency slot and spending no attempt while it waits.
 
 Before the restart the action waits for the VM's block jobs and migration to
 end, and with ``dump`` has QEMU write the guest's memory to a file
@@ -30,8 +33,20 @@ from reactor.actions._restart_guard import Restart as Restart  # for durable his
 from reactor.actions._restart_prep import dump_memory, wait_idle
 from reactor.actions._vmcall import execute, require_vm
 from reactor.actions.exec import DISABLED, last_line, refuse_unless_enabled, run_argv
-from reactor.errors import ActionError, PermanentActionError, TransientActionError
-from reactor.plugins.api import ActionContext, ActionParams, ActionType, CheckContext, Duration
+from reactor.errors import (
+    ActionError,
+    ActionNotDue,
+    PermanentActionError,
+    TransientActionError,
+)
+from reactor.plugins.api import (
+    ActionContext,
+    ActionParams,
+    ActionSettings,
+    ActionType,
+    CheckContext,
+    Duration,
+)
 from reactor.plugins.hookspecs import Register, hookimpl
 
 log = logging.getLogger(__name__)
@@ -43,6 +58,8 @@ VERIFIED = frozenset({"reset", "powerdown"})
 POLL_INTERVAL = 0.2
 JOBS_POLLS_SLOWER = 5
 """Jobs and migrations last minutes: ask about them every second, not five times a second."""
+INLINE_WAIT = 1.0
+"""A backoff wait up to this long is slept in the attempt: not worth giving the slot back."""
 
 
 class BackoffParams(ActionParams):
@@ -80,9 +97,10 @@ class RestartParams(ActionParams):
     )
     limit: int | None = Field(None, ge=1, description="restarts allowed per VM per window")
     window: Duration | None = Field(None, gt=0, description="the window of limit")
-    backoff: BackoffParams | None = Field(
+    backoff: BackoffParams | Literal[False] | None = Field(
         None,
-        description="{initial: 10s, max: 5m, reset_after: 10m}: each restart in a row waits longer",
+        description="{initial: 10s, max: 5m, reset_after: 10m}: each restart in a row waits "
+        "longer (default: the configuration's actions.restart.backoff; false: none)",
     )
     dump: str | None = Field(
         None, min_length=2, description="file QEMU writes the guest's memory to before the restart"
@@ -191,13 +209,14 @@ def make_restart_vm(
         vm = ctx.vm.name if ctx.vm is not None else str(ctx.envelope.get("vm", ""))
         limit = params.limit or ctx.settings.restart_limit
         window = params.window or ctx.settings.restart_window
-        backoff = params.backoff.backoff() if params.backoff is not None else None
+        backoff = _backoff(params, ctx.settings)
         admission = the_guard.decide(vm, ctx.invocation_id, limit, window, backoff)
         if not admission.admitted:
             return _suppressed(params, ctx, vm, admission.restarts, limit, window)
         result: dict[str, Any] = {"method": params.method, "suppressed": False}
         if backoff is not None:
-            waited, meanwhile = await _wait_due(the_guard, vm, admission, ctx)
+            meanwhile = await _when_due(the_guard, vm, admission, ctx)
+            waited = max(admission.due - admission.at, 0.0)
             result.update(streak=admission.streak, waited=round(waited, 3))
             if meanwhile:
                 the_guard.note(vm, ctx.invocation_id, ran=True)
@@ -223,23 +242,38 @@ def make_restart_vm(
     )
 
 
-async def _wait_due(
-    guard: RestartGuard, vm: str, admission: Admission, ctx: ActionContext
-) -> tuple[float, bool]:
-    """Sleep until the admitted restart is due: the seconds slept, and whether the VM
-    was restarted by someone else meanwhile (stopped before the wait, running after it)."""
+def _backoff(params: RestartParams, settings: ActionSettings) -> Backoff | None:
+    """The rule's backoff, else the configuration's; ``backoff: false`` is none."""
+    if params.backoff is False:
+        return None
+    if params.backoff is not None:
+        return params.backoff.backoff()
+    if settings.restart_backoff is not None:
+        return BackoffParams.model_validate(settings.restart_backoff).backoff()
+    return None
+
+
+async def _when_due(guard: RestartGuard, vm: str, admission: Admission, ctx: ActionContext) -> bool:
+    """Return once the admitted restart is due, or raise ``ActionNotDue`` for a wait longer
+    than ``INLINE_WAIT``; whether the VM was started by someone else meanwhile (seen
+    stopped while the restart waited, running now)."""
     delay = admission.due - guard.clock()
-    if delay <= 0:
-        return 0.0, False
-    log.info(
-        "restart of VM %s waits %.1fs: restart %d in a row (backoff)", vm, delay, admission.streak
-    )
-    before = await _running(ctx)
-    await asyncio.sleep(delay)
-    meanwhile = before is False and await _running(ctx) is True
+    stopped = admission.stopped
+    if delay > 0 and not stopped and await _running(ctx) is False:
+        stopped = True
+        guard.note(vm, ctx.invocation_id, stopped=True)
+    if delay > INLINE_WAIT:
+        streak = admission.streak
+        message = f"restart of VM {vm} waits {delay:.1f}s: restart {streak} in a row (backoff)"
+        log.info("%s", message)
+        raise ActionNotDue(message, retry_after=delay)
+    if delay > 0:
+        log.debug("restart of VM %s waits %.3fs (backoff)", vm, delay)
+        await asyncio.sleep(delay)
+    meanwhile = stopped and await _running(ctx) is True
     if meanwhile:
         log.info("restart of VM %s not needed: it was started again while it waited", vm)
-    return delay, meanwhile
+    return meanwhile
 
 
 async def _running(ctx: ActionContext) -> bool | None:

@@ -10,6 +10,9 @@ traceback since it is a bug of ours or of a plugin.
 
 A concurrency slot (per type, then global) is held for one attempt, never
 during a backoff, so a VM whose webhook is down does not starve the others.
+An ``ActionNotDue`` (an action keeping a backoff of its own, as ``restart_vm``
+does) is not a failure: the invocation waits its ``retry_after`` without a slot
+and runs again, and that attempt does not count against ``retry:``.
 
 Every attempt is reported to ``on_outcome`` (``hookspecs.ActionOutcome``): ``ok``,
 ``retry`` (another attempt follows) or ``failed`` (the invocation gives up),
@@ -44,7 +47,7 @@ from reactor.dispatch.groupcommit import Outbox
 from reactor.dispatch.invocation import PARK_BYTES
 from reactor.dispatch.journal import Invocation, JournalError
 from reactor.dispatch.schema import dumps_data
-from reactor.errors import PermanentActionError, TransientActionError
+from reactor.errors import ActionNotDue, PermanentActionError, TransientActionError
 from reactor.model import RetryPolicy
 from reactor.plugins.api import ActionContext, ActionSettings, ActionType, VmControl
 from reactor.plugins.hookspecs import ActionOutcome, OutcomeStatus
@@ -57,6 +60,8 @@ Emit = Callable[[str, str, dict[str, Any], str | None], None]
 the envelope that fired the invocation, so the event belongs to that connection."""
 Sleep = Callable[[float], Awaitable[None]]
 ACTION_FAILED = "REACTOR_ACTION_FAILED"
+NOT_DUE_FLOOR = 0.05
+"""The shortest wait for an action not yet due: one that keeps saying "not yet" cannot spin."""
 CANCELLED: OutcomeStatus = "cancelled"
 """The outcome of a run cancelled by ``mode: restart``."""
 
@@ -168,7 +173,7 @@ class Runner:
         done_before = inv.attempts
         try:
             # Most invocations succeed at once: spare them tenacity's bookkeeping.
-            await self._attempt(inv, atype)
+            await self._attempt_when_due(inv, atype)
             return
         except TransientActionError as err:
             first: list[TransientActionError] = [err]
@@ -176,7 +181,7 @@ class Runner:
         async def attempt() -> None:
             if first:
                 raise first.pop()  # replay the first failure, so tenacity's counts are right
-            await self._attempt(inv, atype)
+            await self._attempt_when_due(inv, atype)
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(left),
@@ -187,6 +192,28 @@ class Runner:
             reraise=True,
         )
         await retrying(attempt)
+
+    async def _attempt_when_due(self, inv: Invocation, atype: ActionType) -> None:
+        """One attempt, run again (uncounted) after each wait an ``ActionNotDue`` asks for."""
+        while True:
+            try:
+                await self._attempt(inv, atype)
+                return
+            except ActionNotDue as err:
+                wait = max(float(err.retry_after or 0.0), NOT_DUE_FLOOR)
+                self._not_due(inv, err, wait)
+            # Real time, not ``self.sleep``: the action said when it may act.
+            await asyncio.sleep(wait)
+
+    def _not_due(self, inv: Invocation, err: ActionNotDue, wait: float) -> None:
+        """The attempt did not count: the journal keeps the invocation pending, as it was."""
+        self._park(inv, err)
+        inv.attempts -= 1
+        inv.last_error = self.redact(str(err))
+        inv.status = "pending"
+        self.outbox.update(inv)
+        log.debug("action %s of rule %r not due, runs again in %.2f s: %s",
+                  inv.spec.type, inv.rule, wait, inv.last_error)  # fmt: skip
 
     async def _attempt(self, inv: Invocation, atype: ActionType) -> None:
         # Per type first: waiting for a busy type must not hold a global slot.

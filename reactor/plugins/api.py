@@ -46,6 +46,9 @@ class ActionSettings:
     )
     restart_limit: int = 3
     restart_window: float = 600.0
+    restart_backoff: Mapping[str, Any] | None = None
+    """The configuration's ``actions.restart.backoff`` (``{initial, max, reset_after}``, in
+    seconds): the crash-loop backoff of a ``restart_vm`` whose ``with:`` sets none."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 

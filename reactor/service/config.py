@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from reactor.actions.restart_vm import BackoffParams
 from reactor.durations import parse_duration
 from reactor.errors import ConfigError, Diagnostic, Location, RuleError
 from reactor.model import RetryPolicy
@@ -76,10 +77,12 @@ class QmpActionConfig(_Strict):
 
 
 class RestartConfig(_Strict):
-    """The restart guard: at most ``limit`` restarts per VM per ``window``."""
+    """The restart guard: at most ``limit`` restarts per VM per ``window``, and the crash-loop
+    ``backoff`` of every ``restart_vm`` whose rule sets none."""
 
     limit: int = Field(3, ge=1)
     window: float = 600.0
+    backoff: BackoffParams | None = None
 
     _durations = field_validator("window", mode="before")(_seconds)
 
@@ -106,11 +109,13 @@ class ActionsConfig(_Strict):
 
     def settings(self) -> ActionSettings:
         """The ActionSettings actions obey."""
+        backoff = self.restart.backoff
         return ActionSettings(
             exec_enabled=self.exec.enabled,
             qmp_allowlist=frozenset(self.qmp.allow),
             restart_limit=self.restart.limit,
             restart_window=self.restart.window,
+            restart_backoff=None if backoff is None else backoff.model_dump(),
             extra={"notify_urls": list(self.notify.urls)},
         )
 

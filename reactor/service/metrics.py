@@ -327,7 +327,8 @@ def _remediation(
             states.add_metric([encodable(vm), state], 1.0 if state == st else 0.0)
     suppressed = CounterMetricFamily(
         PREFIX + "firings_suppressed", "Matching events that did not fire when they came: held "
-        "by a rule's threshold or throttle, or restarts refused by the guard", labels=["reason"],
+        "by a rule's threshold or throttle, restarts refused by the guard, or firings a silence "
+        "kept from running", labels=["reason"],
     )  # fmt: skip
     guard = 0
     for vm, per_vm in events.items():
@@ -339,6 +340,7 @@ def _remediation(
         for reason in ("threshold", "throttle"):
             suppressed.add_metric([reason], snap.suppressed.get(reason, 0))
         suppressed.add_metric(["guard"], guard)
+        suppressed.add_metric(["silence"], snap.silenced)
     return [states, panics, suppressed]
 
 
