@@ -70,6 +70,10 @@ class NatsServer:
         """Every message in the stream: (Nats-Msg-Id, envelope)."""
         return asyncio.run(_read_all(self.url, stream, subject))
 
+    def consumers(self, stream: str = "QMP") -> list[str]:
+        """The deliver policy of each consumer ``stream`` has now (``all``, ``new``...)."""
+        return asyncio.run(_consumers(self.url, stream))
+
     def __enter__(self) -> NatsServer:
         return self.start()
 
@@ -99,5 +103,19 @@ async def _read_all(url: str, stream: str, subject: str) -> list[tuple[str, dict
             out.append(((msg.headers or {}).get("Nats-Msg-Id", ""), json.loads(msg.data)))
         await sub.unsubscribe()
         return out
+    finally:
+        await nc.close()
+
+
+async def _consumers(url: str, stream: str) -> list[str]:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        try:
+            infos = await nc.jetstream().consumers_info(stream)
+        except Exception:
+            return []
+        return [str(getattr(p, "value", p)) for p in (i.config.deliver_policy for i in infos)]
     finally:
         await nc.close()
