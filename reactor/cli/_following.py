@@ -8,7 +8,10 @@ import signal
 import sys
 from collections.abc import Callable
 
+from reactor.errors import ConfigError
 from reactor.model import Envelope
+from reactor.params.secrets import SecretResolver
+from reactor.service.config import NatsConfig
 from reactor.sources.manager import ConnectionManager
 
 
@@ -59,3 +62,50 @@ async def _until_stopped(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -
         err = None if task.cancelled() else task.exception()
         if err is not None:
             raise err
+
+
+def follow_stream(
+    args: argparse.Namespace, cfg: NatsConfig, printer: Callable[[Envelope], str]
+) -> None:
+    """Print the fleet stream's envelopes with ``printer`` until a signal, EPIPE, or caught up."""
+    asyncio.run(_follow_stream(args, cfg, printer))
+
+
+async def _follow_stream(
+    args: argparse.Namespace, cfg: NatsConfig, printer: Callable[[Envelope], str]
+) -> None:
+    from reactor.fleet.link import shown, why
+    from reactor.fleet.tailing import tail_stream
+
+    stop = asyncio.Event()
+    resolver = SecretResolver()
+
+    def failed(err: Exception) -> ConfigError:
+        text = resolver.redactor.redact(f"tail: nats {shown(cfg.url or '')}: {why(err)}")
+        return ConfigError(text)
+
+    def emit(env: Envelope) -> bool:
+        try:
+            sys.stdout.write(printer(env) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            stop.set()
+            return False
+        return True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tail = tail_stream(cfg, resolver, emit, stop, durable=args.durable, from_start=args.from_start,
+                       until_caught_up=args.until_caught_up)  # fmt: skip
+    try:
+        await _until_stopped(stop, [asyncio.create_task(tail)])
+    except (OSError, TimeoutError) as err:
+        raise failed(err) from None
+    except Exception as err:
+        if type(err).__module__.startswith("nats."):  # the server refused: auth, no stream
+            raise failed(err) from None
+        raise
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

@@ -104,10 +104,17 @@ def fleet(config: Config) -> list[Companion]:
     """The fleet's companions ``config`` asks for; ConfigError when the extra is missing."""
     if not config.nats.url:
         return []
+    fleet_module()
+    from reactor.fleet.attach import companions
+
+    return companions(config)
+
+
+def fleet_module() -> None:
+    """Import the fleet; ConfigError saying how to install the extra when it is missing."""
     try:
-        from reactor.fleet.attach import companions
+        import reactor.fleet.attach  # noqa: F401
     except ModuleNotFoundError as err:
         if not (err.name or "").startswith("nats"):
             raise
         raise ConfigError("nats: needs the nats extra: pip install 'qmp-reactor[nats]'") from None
-    return companions(config)

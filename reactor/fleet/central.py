@@ -8,6 +8,12 @@ firings it makes again get the same invocation ids (``commands.firing_ids``),
 so receivers and hosts see the same idempotency keys: exactly once in effect.
 Several instances may share one durable consumer: each message goes to one of
 them, and another takes over when one stops.
+
+With the engine's state kept (``engine_state:``, ``reactor.service.enginestate``),
+the windows a batch changed are written, with the batch's stream sequences,
+before the ack; a redelivered message whose sequence is there already counted
+and is acked without being fed again, so a kill -9 neither loses nor doubles
+an event in a window.
 """
 
 from __future__ import annotations
@@ -63,11 +69,18 @@ class Consumer:
         self.acked = 0
         self.redelivered = 0
         self.skipped = 0
+        self.fed: set[int] = set()
+        """Sequences whose state is written but whose ack is not known to have landed."""
+        self._acked: list[int] = []
 
     async def run(self, link: Link, daemon: Daemon) -> None:
         """Consume until cancelled."""
         await link.up.wait()
         sub = await self._subscribe(link)
+        keeper = daemon.reactor.state if daemon.reactor is not None else None
+        if keeper is not None:
+            floor = (await sub.consumer_info()).ack_floor.stream_seq
+            self.fed = await asyncio.to_thread(keeper.file.fed, self.cfg.durable, floor)
         while True:
             try:
                 msgs = await sub.fetch(BATCH, timeout=FETCH_WAIT)
@@ -104,6 +117,24 @@ class Consumer:
                 delay = min(delay * 2, 5.0)
 
     async def _take(self, msgs: list[Msg], daemon: Daemon) -> None:
+        assert daemon.reactor is not None
+        keeper = daemon.reactor.state
+        if keeper is None:
+            self._feed(msgs, daemon)
+            await daemon.reactor.dispatcher.flush()  # the firings are journaled: now ack
+        else:
+            async with keeper.lock:  # no state written between the feed and the save
+                fed = self._feed(msgs, daemon)
+                await daemon.reactor.dispatcher.flush()
+                durable, acked = self.cfg.durable, self._acked
+                self._acked = []
+                await keeper.save([(durable, n) for n in fed], [(durable, n) for n in acked])
+            self.fed.update(fed)
+        await asyncio.gather(*(self._ack(msg, keeper is not None) for msg in msgs))
+
+    def _feed(self, msgs: list[Msg], daemon: Daemon) -> list[int]:
+        """Feed the batch's events the engine has not seen; their sequences."""
+        fed = []
         for msg in msgs:
             env = decode(msg, self.cfg.stream)
             if env is None:
@@ -112,15 +143,24 @@ class Consumer:
             self.consumed += 1
             if env["nats"]["delivered"] > 1:
                 self.redelivered += 1
+            if env["nats"]["seq"] in self.fed:
+                continue  # its firings are journaled and its windows written: only the ack
             daemon.feed(env)
-        assert daemon.reactor is not None
-        await daemon.reactor.dispatcher.flush()  # the firings are journaled: now ack
-        for msg in msgs:
-            try:
+            fed.append(env["nats"]["seq"])
+        return fed
+
+    async def _ack(self, msg: Msg, confirmed: bool) -> None:
+        try:
+            if confirmed:  # the sequence leaves the state file once the server has the ack
+                await msg.ack_sync(timeout=10)
+                seq = msg.metadata.sequence.stream
+                self.fed.discard(seq)
+                self._acked.append(seq)
+            else:
                 await msg.ack()
-                self.acked += 1
-            except Exception as err:  # redelivered later; the same ids make it harmless
-                log.warning("nats: ack: %s", why(err))
+            self.acked += 1
+        except Exception as err:  # redelivered later; the same ids make it harmless
+            log.warning("nats: ack: %s", why(err))
 
     def figures(self) -> dict[str, float]:
         """Gauges for metrics and /healthz."""

@@ -23,7 +23,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,11 @@ CREATE TABLE IF NOT EXISTS parts (name TEXT PRIMARY KEY, doc TEXT NOT NULL, wall
 CREATE TABLE IF NOT EXISTS restart_history (
     vm TEXT PRIMARY KEY, restarts TEXT NOT NULL, wall REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS fed (consumer TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (consumer, seq));
 """
+Fed = tuple[str, int]
+"""A stream message the engine has seen, written with the state it made: (consumer, sequence)."""
 
 
 def state_path(state_dir: Path) -> Path:
@@ -75,8 +79,16 @@ class StateFile:
                 log.warning("%s: part %s is not JSON: ignored", self.path, name)
         return found
 
-    def write(self, changed: Mapping[str, str], gone: list[str], wall: float) -> None:
-        """Replace the ``changed`` parts (JSON text), delete the ``gone`` ones, in one commit."""
+    def write(
+        self,
+        changed: Mapping[str, str],
+        gone: list[str],
+        wall: float,
+        fed: Sequence[Fed] = (),
+        acked: Sequence[Fed] = (),
+    ) -> None:
+        """Replace the ``changed`` parts (JSON text), delete the ``gone`` ones, in one commit,
+        with the stream messages ``fed`` to the engine added and the ``acked`` ones removed."""
         with self._lock:
             db = self._db
             db.execute("BEGIN")
@@ -86,10 +98,20 @@ class StateFile:
                     [(name, doc, wall) for name, doc in changed.items()],
                 )
                 db.executemany("DELETE FROM parts WHERE name = ?", [(name,) for name in gone])
+                db.executemany("INSERT OR IGNORE INTO fed VALUES (?, ?)", fed)
+                db.executemany("DELETE FROM fed WHERE consumer = ? AND seq = ?", acked)
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+
+    def fed(self, consumer: str, floor: int) -> set[int]:
+        """The sequences of ``consumer``'s messages fed but perhaps not acked (those above
+        ``floor``, the stream's own acknowledgement floor; the others are forgotten)."""
+        with self._lock:
+            self._db.execute("DELETE FROM fed WHERE consumer = ? AND seq <= ?", (consumer, floor))
+            rows = self._db.execute("SELECT seq FROM fed WHERE consumer = ?", (consumer,))
+            return {int(seq) for (seq,) in rows.fetchall()}
 
     def restart_history(self, since: float) -> dict[str, list[dict[str, Any]]]:
         """Each VM's restarts (``Restart`` fields, wall-clock times), of VMs restarted after
@@ -162,6 +184,8 @@ class StateKeeper:
         self._base, self._wall = engine.clock.now(), time.time()
         self._written: dict[str, str] = {}
         self._task: asyncio.Task[None] | None = None
+        self.lock = asyncio.Lock()
+        """Held while the state must not be written: a stream batch fed, not yet saved."""
 
     def restore(self) -> list[str]:
         """Open the parts the file holds on the engine; returns the names taken.
@@ -192,14 +216,24 @@ class StateKeeper:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            changes = self._changes()
-            if changes is None:
-                continue
-            try:
-                await asyncio.to_thread(self.file.write, *changes)
-            except sqlite3.Error as err:
-                log.error("engine state not written: %s", err)
-                self._written.clear()  # everything again next time
+            async with self.lock:
+                try:
+                    await self.save()
+                except sqlite3.Error as err:
+                    log.error("engine state not written: %s", err)
+
+    async def save(self, fed: Sequence[Fed] = (), acked: Sequence[Fed] = ()) -> None:
+        """Write what changed now, with the stream messages ``fed`` and ``acked``
+        (``reactor.fleet.central`` holds ``lock`` from feeding a batch to this)."""
+        changes = self._changes()
+        if changes is None and not fed and not acked:
+            return
+        changed, gone, wall = changes or ({}, [], self._wall)
+        try:
+            await asyncio.to_thread(self.file.write, changed, gone, wall, fed, acked)
+        except sqlite3.Error:
+            self._written.clear()  # everything again next time
+            raise
 
     def _changes(self) -> tuple[dict[str, str], list[str], float] | None:
         """The parts that changed since the last write and those gone (None: no change)."""

