@@ -44,6 +44,7 @@ def plan(quick: bool) -> dict[str, Callable[[], list[Row]]]:
     from bench_replay import bench_replay
     from bench_scale import bench_scale
     from bench_startup import bench_startup
+    from bench_statewrite import bench_state_writes
 
     runs = 3 if quick else 5
     return {
@@ -51,7 +52,10 @@ def plan(quick: bool) -> dict[str, Callable[[], list[Row]]]:
         "startup": lambda: bench_startup(runs),
         "live": lambda: bench_throughput(100_000 if quick else 300_000, runs),
         "latency": lambda: bench_latency(3 if quick else 10, runs),
-        "state": lambda: bench_state(100_000 if quick else 300_000, 3 if quick else 10, runs),
+        "state": lambda: [
+            *bench_state(100_000 if quick else 300_000, 3 if quick else 10, runs),
+            *bench_state_writes(10_000, runs),
+        ],
         "isolation": lambda: bench_isolation(3 if quick else 10, runs),
         "scale": lambda: bench_scale(200_000 if quick else 1_000_000, 1 if quick else 3),
         "hostile": lambda: bench_hostile(3 if quick else 10, 1 if quick else 3),

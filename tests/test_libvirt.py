@@ -28,6 +28,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
 
 import pytest
 
@@ -38,6 +39,7 @@ from reactor.service.config import load_config
 from reactor.service.generation import Options, effective_config
 from reactor.sources.domain import CRASHED, PAUSED, RUNNING, event_data, qemu_version, qmp_status
 from reactor.sources.libvirt import LibvirtSource
+from reactor.sources.metadata import LABELS_MAX, NAMESPACE, parse_labels
 from tests.support.guest import PROMPT, READY_MARKER
 from tests.support.libvirtd import GuestFiles, Libvirtd, available, domain_xml
 from tests.support.sidecar import DEFAULT_RULES, REPO, Sidecar
@@ -146,6 +148,25 @@ def test_event_data_takes_only_a_json_object() -> None:
         assert event_data(details) == {}
 
 
+def test_labels_in_metadata_read_as_vms_labels_would() -> None:
+    xml = (
+        f'<qmp-reactor:labels xmlns:qmp-reactor="{NAMESPACE}">'
+        '<qmp-reactor:label name="tier">prod</qmp-reactor:label>'
+        '<qmp-reactor:label name="auto_restart">true</qmp-reactor:label>'
+        '<qmp-reactor:label name="weight"> 2.5 </qmp-reactor:label>'
+        '<qmp-reactor:label name="list">[1]</qmp-reactor:label>'
+        '<qmp-reactor:label name="">nameless</qmp-reactor:label>'
+        '<qmp-reactor:other name="x">not a label</qmp-reactor:other>'
+        "</qmp-reactor:labels>"
+    )
+    assert parse_labels(xml, "d") == {
+        "tier": "prod", "auto_restart": True, "weight": 2.5, "list": "[1]"
+    }  # fmt: skip
+    many = "".join(f'<label name="l{i}">{i}</label>' for i in range(LABELS_MAX + 3))
+    assert len(parse_labels(f"<labels>{many}</labels>", "d")) == LABELS_MAX
+    assert parse_labels("<labels><label", "d") == {}
+
+
 def test_without_libvirt_python_run_says_how_to_install(tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['libvirt'] = None\n"
@@ -237,6 +258,68 @@ def test_a_libvirt_uri_added_by_a_reload_is_followed(libvirtd: Libvirtd, tmp_pat
         side.wait_message("reloaded:", timeout=60)
         assert side.stop() == 0
     assert "Traceback" not in side.log_text()
+
+
+LABELLED = """\
+rules:
+  - name: lv-labels
+    on: [REACTOR_CONNECTED, STOP]
+    actions:
+      - type: log
+        with: {message: "{{ event }} tier={{ labels.tier }} rack={{ labels.rack }}"}
+"""
+
+
+def set_labels(libvirtd: Libvirtd, name: str, **labels: str) -> None:
+    """Write qmp-reactor's element of ``name``'s ``<metadata>`` (of the running domain)."""
+    inner = "".join(f"<label name={quoteattr(k)}>{escape(v)}</label>" for k, v in labels.items())
+    xml = f"<labels>{inner}</labels>"
+    libvirtd.virsh("metadata", name, NAMESPACE, "--key", "qmp-reactor", "--set", xml, "--live")
+
+
+def test_a_domain_takes_labels_from_its_metadata_and_the_configuration_wins(
+    libvirtd: Libvirtd, files: GuestFiles, tmp_path: Path
+) -> None:
+    rules = tmp_path / "labels.yaml"
+    rules.write_text(LABELLED)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"libvirt: [{json.dumps(libvirtd.uri)}]\n"
+        'vms:\n  - {name: "lv-lab*", labels: {tier: staging}}\n'
+    )
+    domain = create(libvirtd, files, "lv-labelled")
+    try:
+        set_labels(libvirtd, "lv-labelled", tier="prod", rack="r1")
+        args = ["--config", str(config)]
+        with Sidecar(tmp_path, [], [rules], extra_args=args) as side:
+
+            def said(event: str, count: int = 1) -> list[str]:
+                def found() -> list[str]:
+                    return [
+                        line["message"]
+                        for line in side.audit("lv-labels")
+                        if line["vm"] == "lv-labelled" and line["event"] == event
+                    ]
+
+                side.wait_for(lambda _: len(found()) >= count, 60, f"{count} x {event}")
+                return found()
+
+            assert said("REACTOR_CONNECTED") == ["REACTOR_CONNECTED tier=staging rack=r1"]
+            set_labels(libvirtd, "lv-labelled", tier="prod", rack="r2")
+            side.wait_message("labels from <metadata> read again", timeout=60)
+            libvirtd.virsh("suspend", "lv-labelled")
+            assert said("STOP") == ["STOP tier=staging rack=r2"]
+            config.write_text(config.read_text().replace("{tier: staging}", "{zone: a}"))
+            side.proc.send_signal(signal.SIGHUP)
+            side.wait_message("reloaded:", timeout=60)
+            libvirtd.virsh("resume", "lv-labelled")
+            libvirtd.virsh("suspend", "lv-labelled")
+            assert said("STOP", 2)[1] == "STOP tier=prod rack=r2"
+            assert side.stop() == 0
+        assert "Traceback" not in side.log_text()
+    finally:
+        domain.console.close()
+        libvirtd.virsh("destroy", "lv-labelled", check=False)
 
 
 @dataclass

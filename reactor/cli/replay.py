@@ -43,7 +43,14 @@ def register(sub: Any) -> None:
         metavar="EVENTS",
         help="one or more JSON-lines files, or - for stdin",
     )
-    add_rules_arg(p)
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="configuration file: its VMs' labels and action settings apply, its rules "
+        "unless --rules is given",
+    )
+    add_rules_arg(p, default="the configuration's, else ./rules, else the bundled pack")
     p.add_argument("--explain", action="store_true", help="say on stderr why rules fired or not")
     p.add_argument("--execute", action="store_true", help="run the actions for real")
     p.add_argument(
@@ -115,7 +122,12 @@ def run(args: argparse.Namespace) -> int:
         from reactor.service.generation import Options, load_generation
 
         gen = load_generation(
-            Options(rules=args.rules, plugin_dirs=args.plugin_dir, block_plugins=args.block_plugin)
+            Options(
+                config=args.config,
+                rules=args.rules,
+                plugin_dirs=args.plugin_dir,
+                block_plugins=args.block_plugin,
+            )
         )
     print_diagnostics(gen.diagnostics)
     if args.execute:
@@ -136,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
             explain=_explainer if args.explain else None,
             observe=_explain_event if args.explain else None,
             collect=False,
+            labels=gen.config.labels_of if args.config is not None else None,
         )
     sys.stdout.flush()
     for problem in result.problems:

@@ -57,6 +57,7 @@ class Correlator:
         "_out",
         "_pending",
         "_rule",
+        "changes",
         "overflow",
     )
 
@@ -78,6 +79,8 @@ class Correlator:
         self._pending: dict[Hashable, _Pending] = {}
         self.overflow = 0
         """Firsts ignored because ``PENDING_LIMIT`` firsts were pending."""
+        self.changes = 0
+        """Bumped by whatever changes what ``dump`` writes (a first pending or ending)."""
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -101,6 +104,7 @@ class Correlator:
                 self._say(env, f"not a follower of the first at {_t(pending.since)}: {why}")
             return
         del self._pending[key]
+        self.changes += 1
         pending.timer.cancel()
         absent = self._corr.kind == "absent"
         if self._explain is not None:  # the messages only for --explain: this is the hot path
@@ -127,6 +131,7 @@ class Correlator:
     def _pend(self, key: Hashable, env: Envelope, since: float) -> _Pending:
         timer = self._clock.call_at(since + self._corr.within, lambda: self._deadline(key))
         pending = self._pending[key] = _Pending(env, since, timer)
+        self.changes += 1
         return pending
 
     def dump(self, base: float) -> list[list[Any]]:
@@ -162,6 +167,7 @@ class Correlator:
         pending = self._pending.pop(key, None)
         if pending is None:
             return
+        self.changes += 1
         if self._corr.kind == "followed_by":
             self._say(pending.env, f"no follower within {self._corr.within:g}s: nothing fires")
             return

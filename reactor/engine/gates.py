@@ -63,7 +63,17 @@ class QemuStage:
     --qemu``). ``keys`` replaces the catalog: one fixed table for every VM.
     """
 
-    __slots__ = ("_default", "_emit", "_fields", "_pinned", "_tables", "_vms", "_why", "_windows")
+    __slots__ = (
+        "_default",
+        "_emit",
+        "_fields",
+        "_pinned",
+        "_tables",
+        "_vms",
+        "_why",
+        "_windows",
+        "changes",
+    )
 
     def __init__(
         self,
@@ -93,6 +103,8 @@ class QemuStage:
         # Per VM: (its table, the release, why); VMs not here use the default.
         self._vms: dict[str, tuple[dict[str, str], str, str]] = {}
         self._windows = QemuWindows(clock, window, self._out)
+        self.changes = 0
+        """Bumped by whatever changes what ``dump`` writes, but for windows ending empty."""
 
     def connected(self, env: Envelope) -> str:
         """A VM's REACTOR_CONNECTED: use its QEMU's table from now on; says which (--explain)."""
@@ -106,6 +118,7 @@ class QemuStage:
                 self._vms[vm] = (self._tables[release], release, why)
             else:
                 self._vms.pop(vm, None)
+            self.changes += 1
         return self.describe(vm)
 
     def describe(self, vm: str) -> str:
@@ -141,6 +154,7 @@ class QemuStage:
         value = env["data"].get(field) if field else None
         if value is not None and value.__class__ is not str:
             value = freeze([value])
+        self.changes += 1
         return self._windows.offer((env["vm"], event, value), env) is None
 
     def throttles(self, event: str) -> bool:
@@ -151,6 +165,7 @@ class QemuStage:
         """Forget every state of ``vm``: its timers are cancelled, its held events dropped."""
         self._windows.drop_vm(vm)
         self._vms.pop(vm, None)
+        self.changes += 1
 
     def __len__(self) -> int:
         return len(self._windows)
@@ -172,6 +187,7 @@ class QemuStage:
             if release in self._tables and not self._pinned:
                 self._vms[vm] = (self._tables[release], release, why)
         self._windows.restore(doc.get("windows", ()), base)
+        self.changes += 1
 
     @property
     def holds(self) -> int:
@@ -184,6 +200,7 @@ class QemuStage:
         return self._windows.replaced
 
     def _out(self, env: Envelope, count: int) -> None:
+        self.changes += 1
         self._emit(env)
 
 
@@ -208,6 +225,7 @@ class RuleGate:
         "_threshold_key",
         "_throttle",
         "_throttle_key",
+        "changes",
         "suppressed",
     )
 
@@ -228,9 +246,12 @@ class RuleGate:
         if throttle is not None:
             self._throttle = _THROTTLES[throttle.mode](clock, throttle.window, self._out)
         self._context = _context(rule)
+        self.changes = 0
+        """Bumped by whatever changes what ``dump`` writes, but for windows ending empty."""
 
     def push(self, env: Envelope) -> str | None:
         """Offer a matched event: None if the rule fired at once, else why not (for --explain)."""
+        self.changes += 1
         if self._threshold is not None:
             reason = self._threshold.offer(self._threshold_key(env), env)
             if reason is not None:
@@ -246,6 +267,7 @@ class RuleGate:
 
     def drop_vm(self, vm: str) -> None:
         """Forget the states whose latest event came from ``vm``; held firings are dropped."""
+        self.changes += 1
         if self._threshold is not None:
             self._threshold.drop_vm(vm)
         if self._throttle is not None:
@@ -264,6 +286,7 @@ class RuleGate:
 
     def restore(self, doc: Mapping[str, Any], base: float) -> None:
         """Take back what ``dump`` wrote (of a rule of the same shape)."""
+        self.changes += 1
         if self._threshold is not None:
             self._threshold.restore(doc.get("threshold", ()), base)
         if self._throttle is not None:
@@ -281,6 +304,7 @@ class RuleGate:
         return live + (len(self._throttle) if self._throttle is not None else 0)
 
     def _out(self, env: Envelope, count: int) -> None:
+        self.changes += 1
         context = {"count": count * self._per_pass, **self._context}
         self._fire(Firing(rule=self._rule, envelope=env, time=self._clock.now(), context=context))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -154,6 +154,7 @@ def replay(
     explain: Explain | None = None,
     observe: Callable[[Envelope], None] | None = None,
     collect: bool = True,
+    labels: Callable[[str], Mapping[str, Any]] | None = None,
 ) -> ReplayResult:
     """Run ``inputs`` through ``rules`` on a virtual clock; firings go to ``sink``.
 
@@ -163,6 +164,7 @@ def replay(
 
     With ``collect`` the result also keeps every firing; without it a replay's
     memory does not grow with its input (the firings only reach ``sink``).
+    With ``labels`` each envelope carries its VM's labels, as a sidecar's do.
     """
     result = ReplayResult()
     clock = VirtualClock()
@@ -175,12 +177,36 @@ def replay(
         explain=explain,
         observe=observe,
     )
+    feed = engine.feed if labels is None else _labelled(engine.feed, labels)
     if len(inputs) == 1:
-        result.events = _feed_one(inputs[0], engine.feed, clock, result.problems)
+        result.events = _feed_one(inputs[0], feed, clock, result.problems)
     else:
-        result.events = _feed_merged(inputs, engine.feed, clock, result.problems)
+        result.events = _feed_merged(inputs, feed, clock, result.problems)
     clock.drain()
     return result
+
+
+def _labelled(
+    feed: Callable[[Envelope], None], labels: Callable[[str], Mapping[str, Any]]
+) -> Callable[[Envelope], None]:
+    """``feed`` with each envelope's ``labels`` set: its VM's, asked once per VM."""
+    known: dict[str, Mapping[str, Any]] = {}
+
+    def labelled(env: Envelope) -> None:
+        vm = env["vm"]
+        found = known.get(vm)
+        if found is None:
+            if len(known) >= _LABELLED_VMS:
+                known.clear()
+            found = known[vm] = labels(vm)
+        env["labels"] = found
+        feed(env)
+
+    return labelled
+
+
+_LABELLED_VMS = 65536
+"""VMs whose labels a replay remembers at once (VM names come from the input)."""
 
 
 def _feed_one(

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from reactor.model import Rule
 from reactor.rules.conditions import Combo, Leaf
@@ -63,22 +63,42 @@ def part_name(kind: str, rule: Rule) -> str:
     return f"{kind}:{rule.name}:{rule_digest(rule)}"
 
 
-def dump(engine: Engine, base: float) -> dict[str, Any]:
-    """Every part of ``engine``'s state that holds something (times relative to ``base``)."""
-    parts: dict[str, Any] = {}
+class Holder(Protocol):
+    """What holds a part: QEMU's stage, a rule's gate or its pending firsts."""
+
+    changes: int
+    """Bumped by whatever changes what ``dump`` writes (windows that end empty may not bump
+    it: a part written before they ended restores them as ended)."""
+
+    def dump(self, base: float) -> Any:
+        """The part as JSON-able data, times relative to ``base``."""
+
+
+def holders(engine: Engine) -> Iterator[tuple[str, Holder]]:
+    """Each part's name and what holds it, whether it holds something now or not."""
     if engine.stage is not None:
-        stage = engine.stage.dump(base)
-        if stage["windows"] or stage["vms"]:
-            parts[STAGE] = stage
+        yield STAGE, engine.stage
     for rule, gate, pending in engine.stateful():
         if gate is not None:
-            doc = gate.dump(base)
-            if doc["threshold"] or doc["throttle"]:
-                parts[part_name("gate", rule)] = doc
+            yield part_name("gate", rule), gate
         if pending is not None:
-            rows = pending.dump(base)
-            if rows:
-                parts[part_name("pending", rule)] = rows
+            yield part_name("pending", rule), pending
+
+
+def part(holder: Holder, base: float) -> Any:
+    """What ``holder`` holds (times relative to ``base``), or None if it holds nothing."""
+    doc = holder.dump(base)
+    held = any(doc.values()) if isinstance(doc, dict) else bool(doc)
+    return doc if held else None
+
+
+def dump(engine: Engine, base: float) -> dict[str, Any]:
+    """Every part of ``engine``'s state that holds something (times relative to ``base``)."""
+    parts = {}
+    for name, holder in holders(engine):
+        doc = part(holder, base)
+        if doc is not None:
+            parts[name] = doc
     return parts
 
 

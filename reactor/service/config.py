@@ -141,8 +141,18 @@ class VmConfig(_Strict):
             raise ValueError(f"VM {self.name!r} has no address: it is here for its labels")
         return self
 
-    def gives(self, name: str, address: str) -> bool:
-        """Whether this entry's labels go to the VM ``name`` at ``address``."""
+    def gives(self, name: str, address: str | None) -> bool:
+        """Whether this entry's labels go to the VM ``name`` at ``address``.
+
+        With no address (a replay, a rule test) an entry with an address gives its
+        labels to the VM it names.
+        """
+        if address is None:
+            return self.name is not None and (
+                self.name == name
+                if self.address is not None
+                else fnmatch.fnmatchcase(name, self.name)
+            )
         if self.address is not None:
             return self.address == address and (self.name is None or self.name == name)
         return self.name is not None and fnmatch.fnmatchcase(name, self.name)
@@ -294,8 +304,11 @@ class Config(_Strict):
         """Address → name for the VMs the file names."""
         return {vm.address: vm.name for vm in self.vms if vm.name and vm.address}
 
-    def labels_of(self, name: str, address: str) -> Mapping[str, Any]:
-        """The labels of the VM ``name`` at ``address``: every matching entry's, later ones win."""
+    def labels_of(self, name: str, address: str | None = None) -> Mapping[str, Any]:
+        """The labels of the VM ``name`` at ``address``: every matching entry's, later ones win.
+
+        Without ``address`` (replay, rule tests): the entries that give ``name`` labels by name.
+        """
         labels: dict[str, Any] = {}
         for vm in self.vms:
             if vm.labels and vm.gives(name, address):

@@ -278,7 +278,10 @@ class Daemon:
             self._tasks.append(self._globs)
 
     async def _follow_libvirt(self, uris: Sequence[str]) -> None:
-        """Follow the domains of each libvirt in ``uris``; quietly stop following the others."""
+        """Follow the domains of each libvirt in ``uris``; quietly stop following the others.
+
+        Every source takes its domains' labels from the current configuration.
+        """
         for uri in [u for u in self.libvirt if u not in uris]:
             source, task = self.libvirt.pop(uri)
             self._tasks.remove(task)
@@ -294,6 +297,9 @@ class Daemon:
                 task = asyncio.create_task(source.run(), name=f"libvirt:{uri}")
                 self.libvirt[uri] = (source, task)
                 self._tasks.append(task)
+        config = self.generation.config
+        for source, _ in self.libvirt.values():
+            source.relabel(config.labels_of if config.vms else None)
 
     def _check_tasks(self) -> None:
         """Raise the error of a background task (listener, glob watcher) that ended."""

@@ -174,7 +174,8 @@ class StateKeeper:
 
     Times are written relative to one base moment per keeper (its clock reading
     and the wall clock then), so a part that did not change reads the same and
-    is not written again.
+    is not written again. A part whose holder's ``changes`` did not move since the
+    last write is not even read: a write costs what changed, not what is held.
     """
 
     def __init__(self, engine: Engine, file: StateFile, interval: float = INTERVAL) -> None:
@@ -183,6 +184,11 @@ class StateKeeper:
         self.interval = interval
         self._base, self._wall = engine.clock.now(), time.time()
         self._written: dict[str, str] = {}
+        """Each part in the file: name → its JSON text as written ("": not known)."""
+        self._marks: dict[str, tuple[state.Holder, int]] = {}
+        """Each part's holder and its ``changes`` when it was last read."""
+        self._holders: list[tuple[str, state.Holder]] = []
+        self._rules: object = None
         self._task: asyncio.Task[None] | None = None
         self.lock = asyncio.Lock()
         """Held while the state must not be written: a stream batch fed, not yet saved."""
@@ -202,6 +208,7 @@ class StateKeeper:
             for what in state.overdue(self.engine, name, doc, base, clock_now):
                 log.warning("late: rule %s: %s, ended while the sidecar was down", name, what)
             taken += state.restore(self.engine, {name: doc}, base)
+            self._written[name] = ""  # in the file: written again, or deleted, next time
         if found:
             log.info(
                 "engine state: %d parts restored, %d of changed or removed rules dropped",
@@ -232,20 +239,44 @@ class StateKeeper:
         try:
             await asyncio.to_thread(self.file.write, changed, gone, wall, fed, acked)
         except sqlite3.Error:
-            self._written.clear()  # everything again next time
+            # What the file holds is not known: every part is written again, or deleted.
+            self._written = dict.fromkeys([*self._written, *gone], "")
+            self._marks.clear()
             raise
 
     def _changes(self) -> tuple[dict[str, str], list[str], float] | None:
         """The parts that changed since the last write and those gone (None: no change)."""
-        parts = state.dump(self.engine, self._base)
-        docs = {n: json.dumps(d, separators=(",", ":"), default=str) for n, d in parts.items()}
-        written = self._written
-        changed = {n: d for n, d in docs.items() if written.get(n) != d}
-        gone = [n for n in written if n not in docs]
-        self._written = docs
+        written, marks = self._written, self._marks
+        changed: dict[str, str] = {}
+        gone: list[str] = []
+        now: dict[str, tuple[state.Holder, int]] = {}
+        for name, holder in self._current():
+            mark = now[name] = (holder, holder.changes)
+            before = marks.get(name)
+            if before is not None and before[0] is holder and before[1] == mark[1]:
+                continue
+            doc = state.part(holder, self._base)
+            if doc is None:
+                if written.pop(name, None) is not None:
+                    gone.append(name)
+                continue
+            text = json.dumps(doc, separators=(",", ":"), default=str)
+            if written.get(name) != text:
+                changed[name] = written[name] = text
+        gone += [name for name in written if name not in now]
+        for name in gone:
+            written.pop(name, None)
+        self._marks = now
         if not changed and not gone:
             return None
         return changed, gone, self._wall
+
+    def _current(self) -> list[tuple[str, state.Holder]]:
+        """The engine's parts and their holders (named again only after a reload)."""
+        if self.engine.rules is not self._rules:
+            self._rules = self.engine.rules
+            self._holders = list(state.holders(self.engine))
+        return self._holders
 
     async def stop(self) -> None:
         """Stop the task and write the state as it is now (the sidecar stops)."""

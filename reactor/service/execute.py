@@ -60,6 +60,7 @@ def execute_replay(args: argparse.Namespace, gen: Generation) -> int:
         sink=DryRunWriter(sys.stdout),
         qemu_stage=not args.no_qemu_stage,
         qemu_version=getattr(args, "qemu", None),
+        labels=gen.config.labels_of if getattr(args, "config", None) is not None else None,
     )
     sys.stdout.flush()
     for problem in result.problems:

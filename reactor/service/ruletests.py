@@ -33,7 +33,7 @@ from reactor.params.templates import compile_params, template_variables
 from reactor.plugins.api import ActionType
 from reactor.rules.compiler import load_rules
 from reactor.rules.yamlload import MarkedDict, MarkedList, load_file, plain
-from reactor.service.config import load_config
+from reactor.service.config import Config, load_config
 
 MASK = "********"
 """What a secret reference renders as in a test."""
@@ -341,17 +341,24 @@ def run_file(test_file: RuleTestFile, action_types: Mapping[str, ActionType]) ->
     )
     if any(d.severity == "error" for d in diags):
         raise RuleError("invalid rules", diags)
-    return [_run(test, ruleset, config.qemu_stage) for test in test_file.tests]
+    return [_run(test, ruleset, config) for test in test_file.tests]
 
 
-def _run(test: RuleTest, ruleset: Any, qemu_stage: bool) -> Outcome:
+def _run(test: RuleTest, ruleset: Any, config: Config) -> Outcome:
     start = test.start if test.start is not None else _first_time(test.inputs)
     silences = [
         replace(s, starts=start + at, ends=start + at + length) for s, at, length in test.silences
     ]
     firings: list[Firing] = []
     sink = SilenceFilter(silences, now=lambda firing: firing.time).wrap(firings.append)
-    result = replay(test.inputs, ruleset, sink=sink, qemu_stage=qemu_stage, collect=False)
+    result = replay(
+        test.inputs,
+        ruleset,
+        sink=sink,
+        qemu_stage=config.qemu_stage,
+        collect=False,
+        labels=config.labels_of,
+    )
     fired = [one for f in firings for one in _per_action(f, start)]
     missing, unexpected = _compare(test.expected, fired)
     return Outcome(test, missing, unexpected, list(result.problems))

@@ -34,7 +34,8 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_ra
 from reactor.errors import ConfigError
 from reactor.sources.domain import LibvirtDomain
 from reactor.sources.envelopes import OnEnvelope, OnState
-from reactor.sources.vm import STABLE_AFTER, SessionFailed
+from reactor.sources.metadata import NAMESPACE, domain_labels
+from reactor.sources.vm import STABLE_AFTER, Labels, SessionFailed
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,12 @@ def _quiet(context: object, error: object) -> None:
 
 
 class LibvirtSource:
-    """The domains of one libvirt URI, as VMs; ``run`` keeps the connection up until cancelled."""
+    """The domains of one libvirt URI, as VMs; ``run`` keeps the connection up until cancelled.
+
+    A domain's labels are those of its ``<metadata>`` (``reactor.sources.metadata``,
+    read again when libvirt says they changed) with ``labels(name, uri)``, the
+    configuration's, laid over them.
+    """
 
     def __init__(
         self,
@@ -115,8 +121,12 @@ class LibvirtSource:
         on_state: OnState | None = None,
         backoff_max: float = 2.0,
         binding: Binding | None = None,
+        labels: Labels | None = None,
     ) -> None:
         self.uri = uri
+        self._labels = labels
+        self._own: dict[str, dict[str, Any]] = {}
+        """Each known domain's labels from its ``<metadata>``."""
         self.backoff_max = backoff_max
         self._lv = binding if binding is not None else load_binding()
         self._on_envelope = on_envelope
@@ -138,6 +148,16 @@ class LibvirtSource:
     def connections(self) -> list[LibvirtDomain]:
         """Every domain known now."""
         return list(self._domains.values())
+
+    def relabel(self, labels: Labels | None) -> None:
+        """Where the configuration's labels come from, for every domain from now on."""
+        self._labels = labels
+        for domain in self._domains.values():
+            self._label(domain)
+
+    def _label(self, domain: LibvirtDomain) -> None:
+        given = self._labels(domain.name, self.uri) if self._labels is not None else {}
+        domain.labels = {**self._own.get(domain.name, {}), **given}
 
     # -- the connection ---------------------------------------------------------------
 
@@ -187,6 +207,9 @@ class LibvirtSource:
             self._conn.setKeepAlive(5, 3)
             self._conn.domainEventRegisterAny(
                 None, api.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+            )
+            self._conn.domainEventRegisterAny(
+                None, api.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self._on_metadata, None
             )
             self._lv.qemu.qemuMonitorEventRegister(self._conn, None, None, self._on_qmp, None, 0)
             version = self._conn.getVersion()
@@ -250,6 +273,8 @@ class LibvirtSource:
         )
         self._domains[name] = domain
         try:
+            self._own[name] = domain_labels(dom, self._lv.api)
+            self._label(domain)
             if version is None:
                 version = self._conn.getVersion() if self._conn is not None else 0
             domain.begin(dom, version or 0)
@@ -263,6 +288,7 @@ class LibvirtSource:
         domain.end(reason)
         if self._domains.get(domain.name) is domain:
             del self._domains[domain.name]
+            self._own.pop(domain.name, None)
         self._seqs[domain.name] = domain.seq
         self._seqs.move_to_end(domain.name)
         while len(self._seqs) > SEQ_MEMORY:
@@ -300,3 +326,18 @@ class LibvirtSource:
                 self._see(dom)
         except Exception:
             log.exception("%s: lifecycle event %d of a domain not handled", self.uri, event)
+
+    def _on_metadata(self, conn: Any, dom: Any, kind: int, uri: str | None, opaque: object) -> None:
+        try:
+            domain = self._domains.get(dom.name())
+            if (
+                domain is None
+                or kind != self._lv.api.VIR_DOMAIN_METADATA_ELEMENT
+                or uri != NAMESPACE
+            ):
+                return
+            self._own[domain.name] = domain_labels(dom, self._lv.api)
+            self._label(domain)
+            log.info("%s: labels from <metadata> read again", domain.name)
+        except Exception:
+            log.exception("%s: metadata change of a domain not handled", self.uri)
