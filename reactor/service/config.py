@@ -12,7 +12,7 @@ import grp
 import pwd
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -35,7 +35,9 @@ from reactor.model import RetryPolicy
 from reactor.plugins.api import ActionSettings
 from reactor.rules.catalog import parse_release
 from reactor.rules.yamlload import MarkedDict, MarkedList, load_file, plain
-from reactor.sources.server import ListenPolicy
+
+if TYPE_CHECKING:
+    from reactor.sources.server import ListenPolicy
 
 
 class _Strict(BaseModel):
@@ -211,6 +213,8 @@ class ListenerConfig(_Strict):
 
     def policy(self) -> ListenPolicy:
         """As the listener's ListenPolicy (names resolved to ids now)."""
+        from reactor.sources.server import ListenPolicy  # the listener's module: not for check
+
         users, groups = self.allow_users, self.allow_groups
         return ListenPolicy(
             group=None if self.group is None else _gid(self.group),

@@ -16,7 +16,6 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from reactor.dispatch.journal import default_state_dir
 from reactor.errors import Diagnostic, RuleError
 from reactor.params.secrets import Redactor, SecretResolver
 from reactor.plugins.api import ActionSettings, ActionType
@@ -181,6 +180,8 @@ def load_generation(
     cfg = config if config is not None else effective_config(opts)
     state_dir: Path | None = None
     if journal:
+        from reactor.dispatch.journal import default_state_dir  # sqlite3: only with a journal
+
         state_dir = Path(cfg.state_dir) if cfg.state_dir else default_state_dir()
     paths = rule_paths(cfg.rules)
     warnings = tuple(

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from reactor.dispatch.journal import Invocation
+from reactor.dispatch.invocation import Invocation
 from reactor.errors import PermanentActionError
 from reactor.params.secrets import SecretResolver
 from reactor.params.templates import (
