@@ -179,7 +179,7 @@ class Engine:
         elif stage is not None and staged:
             # An event no rule takes is not staged: whatever the stage did, nothing fires.
             route = self._route(event)
-            way = route if route is ignore else _admitted(stage.admit, route)
+            way = route if route is ignore else self._compiled(event, stage.admit)
         else:
             way = self._route(event)
         if stage is not None and event == "REACTOR_CONNECTED":
@@ -253,18 +253,21 @@ class Engine:
         Followers first: an event is offered to correlated rules' pending firsts
         before it is offered to any rule as a first.
         """
-        gates: dict[str, Callable[[Envelope], object]] = {
-            name: gate.push for name, gate in self._gates.items()
-        }
-        gates.update((name, c.push) for name, c in self._correlators.items())
-        route = compile_route(self.rules.candidates(event), self.clock.now, self.sink, gates)
-        followers = self.followers_of(event)
-        if followers:
-            route = _followed(followers, route)
+        route = self._compiled(event, None)
         if len(self._routes) >= _ROUTE_LIMIT:
             self._routes.clear()
         self._routes[event] = route
         return route
+
+    def _compiled(self, event: str, admit: Callable[[Envelope], bool] | None) -> Route:
+        """The generated route of ``event``: ``admit`` first, if given, then followers, rules."""
+        gates: dict[str, Callable[[Envelope], object]] = {
+            name: gate.push for name, gate in self._gates.items()
+        }
+        gates.update((name, c.push) for name, c in self._correlators.items())
+        follow = [c.follow for c in self.followers_of(event)]
+        rules, now = self.rules.candidates(event), self.clock.now
+        return compile_route(rules, now, self.sink, gates, follow=follow, admit=admit)
 
     def _match_explained(self, env: Envelope) -> None:
         """The slow path for ``--explain``: every rule is tested and the reason said."""
@@ -289,24 +292,3 @@ class Engine:
             why = gate.push(env)
             if why is not None:
                 explain(env, rule, why)
-
-
-def _followed(followers: tuple[Correlator, ...], route: Route) -> Route:
-    """``route`` after offering the event to correlated rules as a follower."""
-
-    def way(env: Envelope) -> None:
-        for correlator in followers:
-            correlator.follow(env)
-        route(env)
-
-    return way
-
-
-def _admitted(admit: Callable[[Envelope], bool], route: Route) -> Route:
-    """``route`` for the events the stage lets through now (held ones come back by ``_match``)."""
-
-    def way(env: Envelope) -> None:
-        if admit(env):
-            route(env)
-
-    return way
