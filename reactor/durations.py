@@ -21,3 +21,8 @@ def parse_duration(value: Any) -> float:
         if m:
             return float(m.group(1)) * _UNITS[m.group(2)]
     raise ValueError(f"invalid duration {value!r}: write e.g. 250ms, 10s, 5m or 1h")
+
+
+def secs(seconds: float) -> str:
+    """A duration as said in messages: ``10s``, ``0.5s``."""
+    return f"{seconds:g}s"

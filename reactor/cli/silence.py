@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from reactor.errors import UserError
+from reactor.params.display import escape
 
 
 def register(subparsers: Any) -> None:
@@ -99,8 +100,8 @@ def run_list(args: argparse.Namespace) -> int:
         ends = _iso(s.ends) + ("" if s.ends > now else " (ended)")
         fields = [s.id, s.vm, s.rule, s.event]
         print(
-            "  ".join(f"{_printable(v):<{w}}" for v, w in zip(fields, (8, 16, 20, 16), strict=True))
-            + f"  {ends:<20}  {_printable(s.comment)}"
+            "  ".join(f"{escape(v):<{w}}" for v, w in zip(fields, (8, 16, 20, 16), strict=True))
+            + f"  {ends:<20}  {escape(s.comment)}"
         )
     return 0
 
@@ -125,9 +126,3 @@ def _iso(moment: float) -> str:
     if moment >= 1e17:
         return "never"
     return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _printable(text: str) -> str:
-    return "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
-    )

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from reactor.cli._common import add_plugin_args, print_diagnostics
 from reactor.errors import UserError
+from reactor.params.display import escape
 
 if TYPE_CHECKING:
     from reactor.service.ruletests import Outcome
@@ -101,18 +102,11 @@ def diff_lines(outcome: Outcome) -> list[str]:
         lines.append(f"    {problem}")
     if outcome.missing:
         lines.append("    expected, not fired:")
-        lines += [f"    - {_printable(e.show())}  ({e.location})" for e in outcome.missing]
+        lines += [f"    - {escape(e.show())}  ({e.location})" for e in outcome.missing]
     if outcome.unexpected:
         lines.append("    fired, not expected:")
-        lines += [f"    + {_printable(f.show())}" for f in outcome.unexpected]
+        lines += [f"    + {escape(f.show())}" for f in outcome.unexpected]
     return lines
-
-
-def _printable(text: str) -> str:
-    """Control characters (guest data may hold them) shown as escapes, not sent to the terminal."""
-    return "".join(
-        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
-    )
 
 
 def junit_xml(results: list[tuple[Path, list[Outcome], float]]) -> str:

@@ -31,14 +31,10 @@ from operator import itemgetter
 from typing import Any, Generic, TypeVar
 
 from reactor.clock import Clock, TimerHandle
+from reactor.durations import secs
 from reactor.model import Envelope
 
 Out = Callable[[Envelope, int], None]
-
-
-def secs(window: float) -> str:
-    """A window length as said in reasons: ``10s``, ``0.5s``."""
-    return f"{window:g}s"
 
 
 class _Slot:

@@ -10,16 +10,13 @@ import math
 import re
 from collections.abc import Mapping
 
+from reactor.durations import secs
 from reactor.errors import Location
 from reactor.model import Rule
 from reactor.rules.catalog import Catalog
 
 QEMU_RATE = 1.0
 """QEMU emits at most one event of a throttled kind per key per second (monitor/monitor.c)."""
-
-
-def _secs(window: float) -> str:
-    return f"{window:g}s"
 
 
 def _normal_path(text: str) -> str:
@@ -63,8 +60,8 @@ def unreachable_threshold(rule: Rule, catalog: Catalog) -> str | None:
 def _unreachable_message(
     count: int, window: float, limit: int, types: list[str], keys: Mapping[str, str | None]
 ) -> str:
-    head = f"threshold count {count} can never be reached within {_secs(window)}"
-    tail = f"(at most {limit} in {_secs(window)})"
+    head = f"threshold count {count} can never be reached within {secs(window)}"
+    tail = f"(at most {limit} in {secs(window)})"
     if len(types) == 1:
         per = keys[types[0]] or "VM"
         return f"{head}: QEMU rate-limits {types[0]} to one event per second per {per} {tail}"

@@ -25,7 +25,7 @@ from typing import Any
 
 from reactor.dispatch.silences import Silence, SilenceFilter
 from reactor.durations import parse_duration
-from reactor.engine.replay import ReplayInput, replay
+from reactor.engine.replay import ReplayInput, parse_event, replay
 from reactor.errors import Diagnostic, Location, RuleError
 from reactor.model import Firing
 from reactor.params.secrets import SecretResolver
@@ -365,13 +365,12 @@ def _run(test: RuleTest, ruleset: Any, config: Config) -> Outcome:
 
 
 def _first_time(inputs: list[ReplayInput]) -> float:
+    """The time of the first event the replay reads (``at`` counts from it)."""
     for inp in inputs:
         for line in inp.lines:
             try:
-                doc = json.loads(line)
-                stamp = doc["timestamp"]
-                return float(stamp["seconds"]) + float(stamp["microseconds"]) / 1e6
-            except (ValueError, KeyError, TypeError):
+                return float(parse_event(line, inp.vm)["received_at"])
+            except ValueError:
                 continue
     return 0.0
 
