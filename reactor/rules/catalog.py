@@ -24,77 +24,75 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-_IO_ERRORS = {
-    "type": "array",
-    "optional": False,
-    "doc": "block devices whose io-status is not ok: {device, node-name, io-status}",
-}
+
+def _member(type_name: str, doc: str) -> dict[str, Any]:
+    return {"type": type_name, "optional": False, "doc": doc}
+
+
+_IO_ERRORS = _member(
+    "array", "block devices whose io-status is not ok: {device, node-name, io-status}"
+)
+
 
 SYNTHETIC_EVENTS: dict[str, dict[str, Any]] = {
     "REACTOR_CONNECTED": {
         "doc": "The sidecar connected to a VM's QMP socket (also after a reconnect).",
         "data": {
-            "version": {"type": "VersionInfo", "optional": False, "doc": "QEMU's query-version"},
-            "qemu": {"type": "str", "optional": False, "doc": "QEMU's version as text, e.g. 7.2.0"},
-            "status": {"type": "str", "optional": False, "doc": "run state from query-status"},
-            "running": {"type": "bool", "optional": False, "doc": "query-status running"},
-            "address": {"type": "str", "optional": False, "doc": "socket address"},
+            "version": _member("VersionInfo", "QEMU's query-version"),
+            "qemu": _member("str", "QEMU's version as text, e.g. 7.2.0"),
+            "status": _member("str", "run state from query-status"),
+            "running": _member("bool", "query-status running"),
+            "address": _member("str", "socket address"),
         },
     },
     "REACTOR_DISCONNECTED": {
         "doc": "The QMP connection to a VM closed.",
         "data": {
-            "shutdown_seen": {
-                "type": "bool",
-                "optional": False,
-                "doc": "false: QEMU went away without SHUTDOWN (crashed or killed)",
-            },
-            "reason": {"type": "str", "optional": False, "doc": "why the connection ended"},
-            "address": {"type": "str", "optional": False, "doc": "socket address"},
+            "shutdown_seen": _member(
+                "bool", "false: QEMU went away without SHUTDOWN (crashed or killed)"
+            ),
+            "reason": _member("str", "why the connection ended"),
+            "address": _member("str", "socket address"),
         },
     },
     "REACTOR_RESTART_SUPPRESSED": {
         "doc": "restart_vm did nothing: the VM was restarted too often in the window.",
         "data": {
-            "rule": {"type": "str", "optional": False, "doc": "rule whose action was suppressed"},
-            "restarts": {"type": "int", "optional": False, "doc": "restarts in the window"},
-            "window": {"type": "number", "optional": False, "doc": "window in seconds"},
-            "limit": {"type": "int", "optional": False, "doc": "restarts allowed per window"},
+            "rule": _member("str", "rule whose action was suppressed"),
+            "restarts": _member("int", "restarts in the window"),
+            "window": _member("number", "window in seconds"),
+            "limit": _member("int", "restarts allowed per window"),
         },
     },
     "REACTOR_RESUME_GAVE_UP": {
         "doc": "resume_vm tried max_tries times; the VM stays paused for an I/O error.",
         "data": {
-            "rule": {"type": "str", "optional": False, "doc": "rule whose action gave up"},
-            "tries": {"type": "int", "optional": False, "doc": "tries made"},
-            "reason": {"type": "str", "optional": False, "doc": "why the last try failed"},
+            "rule": _member("str", "rule whose action gave up"),
+            "tries": _member("int", "tries made"),
+            "reason": _member("str", "why the last try failed"),
             "devices": _IO_ERRORS,
         },
     },
     "REACTOR_STATE_CHANGED": {
         "doc": "A probe (query-status, query-block) found a state the events had not implied.",
         "data": {
-            "old": {"type": "str", "optional": False, "doc": "run state the events implied"},
-            "new": {"type": "str", "optional": False, "doc": "run state QEMU reports"},
-            "running": {"type": "bool", "optional": False, "doc": "query-status running"},
+            "old": _member("str", "run state the events implied"),
+            "new": _member("str", "run state QEMU reports"),
+            "running": _member("bool", "query-status running"),
             "io_errors": _IO_ERRORS,
-            "probe": {"type": "str", "optional": False, "doc": "reconnect or interval"},
+            "probe": _member("str", "reconnect or interval"),
         },
     },
     "REACTOR_ACTION_FAILED": {
         "doc": "An action ran out of retries and went to the dead letters.",
         "data": {
-            "rule": {"type": "str", "optional": False, "doc": "rule of the failed action"},
-            "action": {"type": "str", "optional": False, "doc": "action type"},
-            "error": {"type": "str", "optional": False, "doc": "last error (secrets redacted)"},
-            "attempts": {"type": "int", "optional": False, "doc": "attempts made"},
+            "rule": _member("str", "rule of the failed action"),
+            "action": _member("str", "action type"),
+            "error": _member("str", "last error (secrets redacted)"),
+            "attempts": _member("int", "attempts made"),
         },
     },
 }
-
-
-def _member(type_name: str, doc: str) -> dict[str, Any]:
-    return {"type": type_name, "optional": False, "doc": doc}
 
 
 REMOVED_EVENT_FIELDS: dict[str, dict[str, dict[str, Any]]] = {
