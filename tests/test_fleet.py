@@ -13,13 +13,20 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import nats
 import pytest
 
 from reactor.demo.machine import ThrowawayQemu
-from reactor.fleet.subjects import event_subject, token, untoken
+from reactor.dispatch.invocation import ActionSpecData, Invocation
+from reactor.dispatch.journal import Journal
+from reactor.fleet.commands import CommandService
+from reactor.fleet.subjects import derived_id, event_subject, token, untoken
+from reactor.model import RetryPolicy
+from reactor.plugins.hookspecs import ActionOutcome
+from reactor.service.config import NatsConfig
 from tests import fakeqmp
 from tests.support.natsserver import NatsServer
 from tests.support.ops import Receiver, Sidecar, webhook_rule, write_rules
@@ -239,6 +246,36 @@ def test_a_central_restart_vm_reaches_the_right_hosts_real_qemu(
             health = h2.healthz()[1]["fleet"]
             assert health["nats_commands_answered"] >= 1
     assert "Traceback" not in c.log_text() + h2.log_text()
+
+
+def test_a_repeat_right_after_the_outcome_is_answered_from_it_not_from_the_journal(
+    tmp_path: Path,
+) -> None:
+    # The outcome reaches the service a moment before the group commit marks the journal
+    # row done: a repeat in between reads a running row and must not wait for an outcome
+    # that was already given (it would hang until command_timeout).
+    service = CommandService(NatsConfig(command_timeout=30), "h1")
+    journal = Journal(tmp_path / "journal.sqlite3")
+    inv_id = derived_id("command", "h1", "k1")
+    spec = ActionSpecData("qmp", {"command": "cont"}, RetryPolicy(), 5.0)
+    journal.add_many([Invocation(inv_id, inv_id, "nats-command:qmp", 0, spec, "parallel",
+                                 "vm1", "REACTOR_COMMAND", None, {}, {}, time.time(),
+                                 status="running")])  # fmt: skip
+    daemon = SimpleNamespace(reactor=SimpleNamespace(journal=journal), conns={})
+    service._daemon = daemon  # type: ignore[assignment]
+    request = {"command": "qmp", "vm": "vm1", "with": {"command": "cont"}, "key": "k1"}
+
+    async def repeat() -> dict[str, Any]:
+        service.outcome(ActionOutcome(inv_id, "nats-command:qmp", "qmp", "vm1",
+                                      "REACTOR_COMMAND", "ok", 1, None, 0.01))  # fmt: skip
+        async with asyncio.timeout(10):
+            return await service.answer(json.dumps(request).encode())
+
+    try:
+        assert asyncio.run(repeat()) == {"status": "ok", "error": None, "duplicate": True}
+        assert journal.get(inv_id).status == "running"  # type: ignore[union-attr]
+    finally:
+        journal.close()
 
 
 def test_commands_are_checked_allowlisted_and_answered_once_per_key(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,10 @@ FINAL = frozenset({"ok", "failed", "dead", "suppressed", "cancelled"})
 _JOURNALED = {"done": "ok", "failed": "failed", "dead": "dead", "skipped": "suppressed",
               "cancelled": "cancelled"}  # fmt: skip
 MAX_NAME = 256
+# Outcomes kept in memory for repeats: the journal row of a finished invocation is
+# updated by the group commit a moment after the outcome, so a repeat that came in
+# between would otherwise read it as still running and wait for an outcome already given.
+RECENT = 4096
 WHERE = Location("<nats command>", 1, 1)
 
 
@@ -108,6 +113,7 @@ class CommandService:
         self.host = host
         self.answered = 0
         self._waiting: dict[str, asyncio.Future[ActionOutcome]] = {}
+        self._finished: OrderedDict[str, ActionOutcome] = OrderedDict()
         self._daemon: Daemon | None = None
 
     async def start(self, link: Link, daemon: Daemon) -> None:
@@ -141,6 +147,14 @@ class CommandService:
             return _reply(await asyncio.shield(pending), duplicate=True)
         journal = daemon.reactor.journal
         known = await asyncio.to_thread(journal.get, inv_id) if journal is not None else None
+        # Read after the journal, with no await before the future is set: an outcome
+        # given while the journal was read is either seen here or wakes the future.
+        finished = self._finished.get(inv_id)
+        if finished is not None:
+            return _reply(finished, duplicate=True)
+        pending = self._waiting.get(inv_id)
+        if pending is not None:
+            return _reply(await asyncio.shield(pending), duplicate=True)
         if known is not None and known.status in _JOURNALED:
             return {"status": _JOURNALED[known.status], "error": known.last_error,
                     "duplicate": True}  # fmt: skip
@@ -178,10 +192,17 @@ class CommandService:
         return bool(daemon.reactor.dispatcher.submit(firing))
 
     def outcome(self, outcome: ActionOutcome) -> None:
-        """Wake the request waiting for this invocation, once it ended."""
+        """Wake the request waiting for this invocation, once it ended; remember the outcome
+        of a command for the repeats that follow."""
+        if outcome.status not in FINAL:
+            return
         future = self._waiting.get(outcome.invocation_id)
-        if future is not None and not future.done() and outcome.status in FINAL:
+        if future is not None and not future.done():
             future.set_result(outcome)
+        if future is not None or outcome.rule.startswith("nats-command:"):
+            self._finished[outcome.invocation_id] = outcome
+            while len(self._finished) > RECENT:
+                self._finished.popitem(last=False)
 
 
 def _reply(outcome: ActionOutcome, *, duplicate: bool) -> dict[str, Any]:
