@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -47,6 +48,7 @@ FINAL = frozenset({"ok", "failed", "dead", "suppressed", "cancelled"})
 _JOURNALED = {"done": "ok", "failed": "failed", "dead": "dead", "skipped": "suppressed",
               "cancelled": "cancelled"}  # fmt: skip
 MAX_NAME = 256
+log = logging.getLogger("reactor.fleet")
 # Outcomes kept in memory for repeats: the journal row of a finished invocation is
 # updated by the group commit a moment after the outcome, so a repeat that came in
 # between would otherwise read it as still running and wait for an outcome already given.
@@ -127,6 +129,8 @@ class CommandService:
         )  # fmt: skip
         subject = command_subject(self.cfg.subject_prefix, self.host)
         await service.add_endpoint(name="cmd", subject=subject, handler=self._handle)
+        await link.nc.flush()
+        log.info("nats: answering commands on %s", subject)
 
     async def _handle(self, request: Request) -> None:
         reply = await self.answer(request.data)
