@@ -75,7 +75,9 @@ def central(tmp_path: Path, url: str, *rules: dict[str, Any], name: str = "centr
 
 
 def send(peer_thread: PeerThread, fake: fakeqmp.FakeQmp, event: str, data: dict[str, Any]) -> None:
-    """``event`` from the fake VM's latest connection."""
+    """``event`` from the fake VM's latest connection, once its session is open (the
+    sidecar sent a command after ``qmp_capabilities``: QEMU sends no event before that)."""
+    wait(lambda: bool(fake.peers) and len(fake.peers[-1].commands) >= 2, 20, "the QMP session")
     coro = fake.peers[-1].send_event(event, data)
     asyncio.run_coroutine_threadsafe(coro, peer_thread.loop).result(10)
 
