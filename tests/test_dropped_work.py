@@ -1,8 +1,10 @@
-"""A stop says which held events it drops; nothing a window holds vanishes silently.
+"""A stop says what becomes of held events; nothing a window holds vanishes silently.
 
 An event held by QEMU's stage (a burst of a throttled type) or by a rule's
-``once_after``/``qemu`` window fires only at the window's end; a SIGTERM
-before that loses the firing, and the log must name it.
+``once_after``/``qemu`` window fires only at the window's end. With the engine's
+state kept (the default) a SIGTERM before that keeps it for the next start, and
+the log says so; with ``engine_state: false`` the firing is lost, and the log
+must name it.
 """
 
 from __future__ import annotations
@@ -76,19 +78,33 @@ def test_log_dropped_names_the_first_and_counts_the_rest(caplog: pytest.LogCaptu
 
 
 @pytest.mark.qemu
-def test_sigterm_inside_a_once_after_window_logs_the_dropped_event(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keep", [True, False], ids=["engine-state", "in-memory"])
+def test_sigterm_inside_a_once_after_window_says_what_becomes_of_the_held_event(
+    tmp_path: Path, keep: bool
+) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(ONCE_AFTER)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"engine_state: {str(keep).lower()}\n")
     qemu = ThrowawayQemu(name="vm1", extra_qmp=["vm1"], extra_args=["-machine", "none"])
-    with qemu, Sidecar(tmp_path, [qemu.qmp_socket("vm1")], [rules]) as sidecar:
+    sidecar = Sidecar(
+        tmp_path, [qemu.qmp_socket("vm1")], [rules], extra_args=["--config", str(config)]
+    )
+    with qemu, sidecar:
         sidecar.wait_message("vm1: connected to")
         qemu.qmp.execute("stop")
         sidecar.wait_message("vm1 STOP seq=")
         assert sidecar.stop() == 0
     messages = [r.get("message", "") for r in sidecar.records()]
+    assert sidecar.audit("settle") == []
+    if keep:  # it fires after the next start (tests/test_durable_state.py)
+        state = tmp_path / "state" / "engine-state.sqlite3"
+        said = f"stopping: 1 held event(s) kept in {state}; they fire when their window ends"
+        assert any(m.startswith(said) for m in messages), sidecar.log_text()
+        assert not [m for m in messages if "dropped" in m]
+        return
     assert "stopping: 1 held event(s) dropped before their window ended; they will not fire" in (
         messages
     ), sidecar.log_text()
     [line] = [m for m in messages if m.startswith("stopping: dropped STOP on vm1")]
     assert line.endswith("held by rule settle's throttle")
-    assert sidecar.audit("settle") == []

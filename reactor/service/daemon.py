@@ -31,7 +31,7 @@ from reactor.plugins.hookspecs import ActionOutcome
 from reactor.service.companion import Attach, Companion
 from reactor.service.config import Config
 from reactor.service.generation import Generation, Options, effective_config, load_generation
-from reactor.service.logs import log_dropped, setup_logging
+from reactor.service.logs import log_dropped, log_kept, setup_logging
 from reactor.service.metrics import (
     Metrics,
     MetricsServer,
@@ -438,7 +438,11 @@ class Daemon:
         for companion in reversed(self.companions):
             await companion.stop()
         if self.reactor is not None:
-            log_dropped(self.reactor.engine.held(), "stopping")
+            held = self.reactor.engine.held()
+            if self.reactor.state is not None:
+                log_kept(held, "stopping", self.reactor.state.file.path)
+            else:
+                log_dropped(held, "stopping")
             await self.reactor.stop(grace)
         await self.gen.plugins.shutdown()
         log.info("stopped")

@@ -91,6 +91,18 @@ DROPPED_SHOWN = 20
 """Held events named one by one when dropped; the rest are counted."""
 
 
+def log_kept(held: Sequence[Held], why: str, where: object) -> None:
+    """Say how many held events ``why`` (a stop) leaves in the engine's state at ``where``:
+    they fire at their window's end after the next start (late if it ended meanwhile)."""
+    if held:
+        logging.getLogger("reactor.engine").info(
+            "%s: %d held event(s) kept in %s; they fire when their window ends after the start",
+            why,
+            len(held),
+            where,
+        )
+
+
 def log_dropped(held: Sequence[Held], why: str, log: logging.Logger | None = None) -> None:
     """Say, as warnings, which held events ``why`` (a stop, a reload) drops unfired.
 
