@@ -6,6 +6,8 @@
   a rule sees; once the events flow again, a RESUME keeps probes quiet.
 * The VM is stopped and its QEMU replaced by a new, running one: on reconnect
   the state QEMU reports differs from the last one implied (``probe: reconnect``).
+* ``tail --json --reconcile`` records the probe's ``REACTOR_STATE_CHANGED``
+  (the STOP itself lost), and a replay of that recording fires on it.
 * ``run --reconcile`` and ``reconcile:`` reject a bad duration with a located
   error; ``0`` turns the probes off.
 """
@@ -16,6 +18,8 @@ import json
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -141,3 +145,52 @@ def test_a_bad_reconcile_duration_is_a_located_error(tmp_path: Path) -> None:
     bad = subprocess.run([*run, "--config", str(config)], capture_output=True, text=True)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert f"{config}:2:12: error: 'reconcile': invalid duration 'often'" in bad.stderr
+
+
+@pytest.mark.qemu
+def test_tail_records_the_probes_and_a_replay_of_the_recording_fires_on_them(
+    tmp_path: Path,
+) -> None:
+    rules = write_rules(tmp_path / "rules.yaml", STATE_RULE)
+    recording = tmp_path / "recording.jsonl"
+
+    def recorded(event: str) -> bool:
+        return f'"event":"{event}"' in recording.read_text()
+
+    with (
+        ThrowawayQemu(name="vm1", extra_qmp=["vm1"]) as qemu,
+        LossyRelay(qemu.qmp_socket("vm1"), tmp_path / "relay.qmp") as relay,
+        recording.open("w") as out,
+    ):
+        argv = ["tail", "--json", "--reconcile", "300ms", str(tmp_path / "relay.qmp")]
+        tail = subprocess.Popen([sys.executable, "-m", "reactor", *argv], stdout=out,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            wait_until(lambda: recorded("REACTOR_CONNECTED"), 30, "the connection")
+            relay.dropping = True
+            qemu.qmp.execute("stop")
+            wait_until(lambda: recorded("REACTOR_STATE_CHANGED"), 30, "the probe")
+        finally:
+            tail.terminate()
+            _, errors = tail.communicate(timeout=30)
+    assert tail.returncode == 0, errors
+    lines = [json.loads(line) for line in recording.read_text().splitlines()]
+    assert "STOP" not in [line["event"] for line in lines] and relay.dropped == ["STOP"]
+    [changed] = [line for line in lines if line["event"] == "REACTOR_STATE_CHANGED"]
+    assert changed["vm"] == "relay" and changed["data"] == {
+        "old": "running", "new": "paused", "running": False, "io_errors": [], "probe": "interval"
+    }  # fmt: skip
+    argv = ["replay", "--rules", str(rules), str(recording)]
+    replay = subprocess.run([sys.executable, "-m", "reactor", *argv],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    fired = [json.loads(line) for line in replay.stdout.splitlines()]
+    assert [(f["rule"], f["vm"], f["event"]) for f in fired] == [
+        ("state-changed", "relay", "REACTOR_STATE_CHANGED")
+    ]
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
