@@ -4,8 +4,8 @@ User and password, token, and NKey, each read from a ``${file:}`` or ``${env:}``
 secret, and a ``.creds`` file (a user JWT and its seed) under an operator whose
 JWTs the test signs itself; the sidecar publishes, and neither its log,
 ``/healthz`` nor ``/metrics`` shows the secret (the seed, the JWT's signature)
-in any form. A wrong secret is refused by the server, said in the log, and
-still not shown.
+in any form. A wrong secret, or a user of an account the server does not know,
+is refused by the server, said in the log, and still not shown.
 """
 
 from __future__ import annotations
@@ -80,18 +80,20 @@ NKEYs are sensitive and should be treated as secrets.
 """
 
 
-def operator_mode(tmp_path: Path) -> tuple[str, Path, str, str]:
+def operator_mode(tmp_path: Path, known: bool = True) -> tuple[str, Path, str, str]:
     """(server config, a user's ``.creds`` file, its seed, its JWT's signature): an operator
     with a system account (JetStream needs one) and an account with JetStream, preloaded in a
-    memory resolver, and a user of that account."""
+    memory resolver, and a user of that account or, not ``known``, of an account the server
+    was never told of."""
     op_seed, op = nkey_pair(nkeys.PREFIX_BYTE_OPERATOR)
     _, system = nkey_pair(nkeys.PREFIX_BYTE_ACCOUNT)
     acc_seed, acc = nkey_pair(nkeys.PREFIX_BYTE_ACCOUNT)
     user_seed, user = nkey_pair()
+    signer = acc_seed if known else nkey_pair(nkeys.PREFIX_BYTE_ACCOUNT)[0]
     accounts = {system: issue(op_seed, system, "SYS", {"type": "account"}),
                 acc: issue(op_seed, acc, "REACTOR",
                            {"type": "account", "limits": UNLIMITED})}  # fmt: skip
-    user_jwt = issue(acc_seed, user, "reactor", {"type": "user", "pub": {}, "sub": {},
+    user_jwt = issue(signer, user, "reactor", {"type": "user", "pub": {}, "sub": {},
                                                "subs": -1, "data": -1, "payload": -1})  # fmt: skip
     operator = issue(op_seed, op, "OP", {"type": "operator", "system_account": system})
     preload = ", ".join(f'{pub}: "{jwt}"' for pub, jwt in accounts.items())
@@ -171,3 +173,17 @@ def test_a_wrong_password_is_refused_said_and_not_shown(tmp_path: Path) -> None:
             assert sidecar.healthz()[1]["fleet"]["nats_connected"] == 0
             assert shows(sidecar, wrong) == []
         assert server.messages() == []
+
+
+def test_creds_of_an_unknown_account_are_refused_said_and_not_shown(tmp_path: Path) -> None:
+    conf, path, seed, signature = operator_mode(tmp_path, known=False)
+    peer = PeerThread(tmp_path / "h1.qmp")
+    with NatsServer(tmp_path, config=conf) as server, peer as fake:
+        cred = {"creds_file": str(path)}
+        sidecar = host(tmp_path, "h1", server.url, [str(tmp_path / "h1.qmp")], credentials=cred)
+        with sidecar.start():
+            sidecar.wait_log("nats .*: cannot connect .*[Aa]uthorization")
+            wait(lambda: fake.accepted == 1, 20, "a connection")  # the VMs are still watched
+            assert sidecar.healthz()[1]["fleet"]["nats_connected"] == 0
+            assert shows(sidecar, seed) == shows(sidecar, signature) == []
+        assert "account missing" in server.log.read_text()  # refused for its account, not a typo
