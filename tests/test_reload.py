@@ -164,6 +164,40 @@ def test_exec_enabled_is_applied_by_sighup_and_unsafe_changes_are_refused(tmp_pa
 
 
 @pytest.mark.qemu
+def test_the_qmp_allowlist_and_permission_warnings_follow_sighup(tmp_path: Path) -> None:
+    rules = write_rules(
+        tmp_path / "rules.yaml", _rule("paused", "STOP", "qmp", {"command": "cont"})
+    )
+    asked = _rule("asked", "RESUME", "qmp", {"command": "query-name"})
+    with ThrowawayQemu(name="vm1", extra_qmp=["vm1"]) as q:
+        config = {"rules": [str(rules)], "qmp": [str(q.qmp_socket("vm1"))]}
+        with Sidecar(tmp_path, config).start() as sidecar:
+            sidecar.wait_log("vm1 REACTOR_CONNECTED")
+            # A command the allowlist does not have: refused as check refuses it.
+            write_rules(rules, _rule("paused", "STOP", "qmp", {"command": "cont"}), asked)
+            assert "query-name" in reload(sidecar, "reload refused:", 0)
+            # Allowed by the new configuration: reloaded, and it runs.
+            reconfigure(sidecar, actions={"qmp": {"allow": ["cont", "query-name"]}})
+            reload(sidecar, "reloaded:", 0)
+            q.qmp.execute("stop")
+            sidecar.wait_log("qmp ok rule=asked vm=vm1")
+            # Taken away again while a rule still uses it: refused; the old allowlist stays.
+            reconfigure(sidecar, actions={"qmp": {"allow": ["cont"]}})
+            assert "query-name" in reload(sidecar, "reload refused:", 2)
+            # A rule file others can write is warned about again at the reload.
+            rules.chmod(0o666)
+            reconfigure(sidecar, actions={"qmp": {"allow": ["cont", "query-name"]}})
+            reload(sidecar, "reloaded:", 1)
+            warned = lines(sidecar, f"{rules}: warning: writable by other users")
+            assert warned, sidecar.log_text()
+            q.qmp.execute("stop")
+            wait_for(lambda: len(lines(sidecar, "qmp ok rule=asked vm=vm1")) == 2, "a second run",
+                     sidecar)  # fmt: skip
+            assert sidecar.stop() == 0
+    assert "Traceback" not in sidecar.log_text()
+
+
+@pytest.mark.qemu
 def test_sockets_added_and_removed_by_sighup(tmp_path: Path) -> None:
     rules = write_rules(
         tmp_path / "rules.yaml",
