@@ -8,9 +8,12 @@ holder did not change.
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -60,6 +63,57 @@ def test_parts_of_changed_rules_leave_the_file_at_the_next_write(tmp_path: Path)
     assert [n.split(":")[1] for n in keeper.restore()] == ["settle"]
     write(keeper)
     assert [n.split(":")[1] for n in keeper.file.parts()] == ["settle"]
+
+
+def test_a_part_of_another_shape_is_ignored_and_the_rest_restored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "state.sqlite3"
+    rig = Rig(ruleset(tmp_path), T0)
+    keeper = StateKeeper(rig.engine, StateFile(path))
+    rig.event(T0 + 1, "GUEST_PANICKED")
+    rig.event(T0 + 2, "STOP")
+    write(keeper)
+    # The stage's part as an older layout wrote it (its VMs as a mapping), and a gate's
+    # part damaged: each is lost alone, with a warning; nothing stops the start.
+    [settle] = [n for n in keeper.file.parts() if n.startswith("gate:settle:")]
+    damaged = {state.STAGE: '{"windows": [], "vms": {"vm1": ["7.2", "x"]}}', settle: "[1, 2]"}
+    keeper.file.write(damaged, [], time.time())
+    keeper.file.close()
+    after = Rig(ruleset(tmp_path), T0 + 3)
+    keeper = StateKeeper(after.engine, StateFile(path))
+    with caplog.at_level(logging.WARNING, logger="reactor"):
+        taken = keeper.restore()
+    assert [n.split(":")[1] for n in taken] == ["panics"]
+    ignored = sorted(r.getMessage().split(" part ")[1].split(" ")[0] for r in caplog.records)
+    assert ignored == sorted([state.STAGE, settle]), caplog.text
+    after.event(T0 + 4, "GUEST_PANICKED")
+    after.event(T0 + 5, "GUEST_PANICKED")
+    assert [f[0] for f in after.fired] == ["panics"]  # the count went on: 3 panics
+
+
+def test_the_stage_keeps_each_hosts_release_across_a_restore(tmp_path: Path) -> None:
+    text = (
+        "rules:\n  - {name: io, on: BLOCK_IO_ERROR, actions: [{type: log, with: {message: x}}]}\n"
+    )
+    rules = ruleset(tmp_path, text)
+    rig = Rig(rules, T0)
+    for host, qemu in (("h72", "7.2.0"), ("h92", "9.2.0")):
+        rig.clock.advance(T0 + 1)
+        rig.engine.feed({"event": "REACTOR_CONNECTED", "data": {"qemu": qemu}, "vm": "vm1",
+                         "host": host, "timestamp": None})  # fmt: skip
+    path = tmp_path / "state.sqlite3"
+    keeper = StateKeeper(rig.engine, StateFile(path))
+    write(keeper)
+    keeper.file.close()
+    after = Rig(rules, T0 + 2)
+    StateKeeper(after.engine, StateFile(path)).restore()
+    io = {"device": "d0", "node-name": "n0", "qom-path": "/machine/peripheral/d0",
+          "operation": "write", "action": "report"}  # fmt: skip
+    for host in ("h72", "h72", "h92", "h92"):  # 9.2 throttles per qom-path, 7.2 does not
+        after.engine.feed({"event": "BLOCK_IO_ERROR", "data": io, "vm": "vm1", "host": host,
+                           "timestamp": None})  # fmt: skip
+    assert len(after.fired) == 3
 
 
 EVENTS = st.sampled_from(

@@ -144,6 +144,33 @@ def test_quorum_five_bad_reads_give_two_events() -> None:
     assert_empty(s.clock, s.stage)
 
 
+def test_one_name_on_two_hosts_is_two_qemus_to_the_stage() -> None:
+    # A central sees every host's vm1: each is its own QEMU, with its own rate limit and
+    # its own release (7.2 does not throttle BLOCK_IO_ERROR, 9.2 does, per qom-path).
+    s = Stage()
+    s.stage = QemuStage(s.clock, s.record)
+    io = {"device": "d0", "node-name": "n0", "qom-path": "/machine/peripheral/d0",
+          "operation": "write", "action": "report"}  # fmt: skip
+    connected = [
+        {**env("REACTOR_CONNECTED", T0, qemu="7.2.0"), "host": "h72"},
+        {**env("REACTOR_CONNECTED", T0, qemu="9.2.0"), "host": "h92"},
+    ]
+    for c in connected:
+        s.stage.connected(c)
+    bad = [{**env("QUORUM_REPORT_BAD", T0 + i * TICK, seq=i, data={"node-name": "r1"}),
+            "host": host} for i, host in enumerate(["h72", "h92", "h72", "h92"])]  # fmt: skip
+    errors = [{**env("BLOCK_IO_ERROR", T0 + 0.5 + i * TICK, seq=10 + i, data=io), "host": host}
+              for i, host in enumerate(["h72", "h72", "h92", "h92"])]  # fmt: skip
+    assert s.feed(bad + errors) == [True, True, False, False, True, True, True, False]
+    assert "QEMU 7.2's" in s.stage.describe("vm1", "h72")
+    assert "QEMU 9.2's" in s.stage.describe("vm1", "h92")
+    s.clock.drain()
+    assert [(t - T0, e["host"], e["seq"]) for t, e in s.out][-3:] == [
+        (1.0, "h72", 2), (1.0 + TICK, "h92", 3), (1.5 + 2 * TICK, "h92", 13),
+    ]  # fmt: skip
+    assert_empty(s.clock, s.stage)
+
+
 def test_held_event_keeps_its_original_envelope_and_timestamp() -> None:
     s = Stage()
     first = env("RTC_CHANGE", T0, seq=1, offset=1)

@@ -60,7 +60,7 @@ class Engine:
             if qemu_stage
             else None
         )
-        self._told: set[str] = set()  # VMs whose stage table --explain has said
+        self._told: set[tuple[str | None, str]] = set()  # (host, VM)s --explain told of
         self.events_in = 0
         self.rules = rules
         self._gates: dict[str, RuleGate] = {}
@@ -198,7 +198,7 @@ class Engine:
         def connected(env: Envelope) -> None:
             told = stage.connected(env)
             if explain is not None:
-                self._told.add(env["vm"])
+                self._told.add((env.get("host"), env["vm"]))
                 explain(env, None, told)
             way(env)
 
@@ -210,10 +210,10 @@ class Engine:
         assert explain is not None
 
         def telling(env: Envelope) -> None:
-            vm = env["vm"]
+            vm = (env.get("host"), env["vm"])
             if vm not in told:
                 told.add(vm)
-                explain(env, None, stage.describe(vm))
+                explain(env, None, stage.describe(vm[1], vm[0]))
             way(env)
 
         return telling

@@ -53,8 +53,9 @@ class QemuStage:
     The first event of a key goes to ``emit`` at once and opens a window; later
     events in the window replace the held one; at the window's end the held event
     (its envelope untouched) goes out and a new window opens, or the state is
-    forgotten. A key is (vm, event type, ``data[field]`` or None), the field per
-    type from the VM's table.
+    forgotten. A key is (host, vm, event type, ``data[field]`` or None), the field
+    per type from the VM's table: one QEMU is one host's VM, so on a central two
+    hosts' ``vm1`` are two QEMUs (a single host's envelopes all carry its name).
 
     Each VM follows its own QEMU release: ``connected`` (a REACTOR_CONNECTED
     event, which reports QEMU's version) picks that release's throttle table from
@@ -100,15 +101,15 @@ class QemuStage:
         self._pinned = pinned
         self._fields = self._tables[self._default]
         self._why = f"--qemu {release}" if pinned and release is not None else "no version known"
-        # Per VM: (its table, the release, why); VMs not here use the default.
-        self._vms: dict[str, tuple[dict[str, str], str, str]] = {}
+        # Per (host, VM): (its table, the release, why); VMs not here use the default.
+        self._vms: dict[tuple[str | None, str], tuple[dict[str, str], str, str]] = {}
         self._windows = QemuWindows(clock, window, self._out)
         self.changes = 0
         """Bumped by whatever changes what ``dump`` writes, but for windows ending empty."""
 
     def connected(self, env: Envelope) -> str:
         """A VM's REACTOR_CONNECTED: use its QEMU's table from now on; says which (--explain)."""
-        vm = env["vm"]
+        vm = (env.get("host"), env["vm"])
         if not self._pinned:
             data = env.get("data")
             version = qemu_version_of(data) if isinstance(data, dict) else None
@@ -119,19 +120,19 @@ class QemuStage:
             else:
                 self._vms.pop(vm, None)
             self.changes += 1
-        return self.describe(vm)
+        return self.describe(vm[1], vm[0])
 
-    def describe(self, vm: str) -> str:
-        """Which throttle table ``vm`` follows and why, as ``--explain`` says it."""
-        found = self._vms.get(vm)
+    def describe(self, vm: str, host: str | None = None) -> str:
+        """Which throttle table ``vm`` (of ``host``) follows and why, as ``--explain`` says it."""
+        found = self._vms.get((host, vm))
         release, why = (found[1], found[2]) if found is not None else (self._default, self._why)
         if release == "custom":
             return "QEMU stage: a custom throttle table"
         return f"QEMU stage: QEMU {release}'s rate limits ({why})"
 
-    def release_of(self, vm: str) -> str:
-        """The catalog release whose throttle table ``vm`` follows."""
-        found = self._vms.get(vm)
+    def release_of(self, vm: str, host: str | None = None) -> str:
+        """The catalog release whose throttle table ``vm`` (of ``host``) follows."""
+        found = self._vms.get((host, vm))
         return found[1] if found is not None else self._default
 
     def push(self, env: Envelope) -> bool:
@@ -147,7 +148,8 @@ class QemuStage:
         ``push`` without the sending: what a held event later does still goes to ``emit``.
         """
         event = env["event"]
-        table = self._vms.get(env["vm"])
+        vm = (env.get("host"), env["vm"])
+        table = self._vms.get(vm) if self._vms else None
         field = (self._fields if table is None else table[0]).get(event)
         if field is None:
             return True
@@ -155,16 +157,20 @@ class QemuStage:
         if value is not None and value.__class__ is not str:
             value = freeze([value])
         self.changes += 1
-        return self._windows.offer((env["vm"], event, value), env) is None
+        return self._windows.offer((*vm, event, value), env) is None
 
     def throttles(self, event: str) -> bool:
         """Whether some VM's table may throttle ``event`` (else ``push`` emits it at once)."""
         return any(event in table for table in self._tables.values())
 
     def drop_vm(self, vm: str) -> None:
-        """Forget every state of ``vm``: its timers are cancelled, its held events dropped."""
+        """Forget every state of ``vm``: its timers are cancelled, its held events dropped.
+
+        By name: a sidecar drops its own VMs, whose envelopes all carry its host.
+        """
         self._windows.drop_vm(vm)
-        self._vms.pop(vm, None)
+        for known in [k for k in self._vms if k[1] == vm]:
+            del self._vms[known]
         self.changes += 1
 
     def __len__(self) -> int:
@@ -178,14 +184,16 @@ class QemuStage:
         """The stage's windows and each VM's release, JSON-able (times relative to ``base``)."""
         return {
             "windows": self._windows.dump(base),
-            "vms": {vm: [release, why] for vm, (_, release, why) in self._vms.items()},
+            "vms": [
+                [host, vm, release, why] for (host, vm), (_, release, why) in self._vms.items()
+            ],
         }
 
     def restore(self, doc: Mapping[str, Any], base: float) -> None:
         """Take back what ``dump`` wrote; held events whose window ended go out now."""
-        for vm, (release, why) in doc.get("vms", {}).items():
+        for host, vm, release, why in doc.get("vms", ()):
             if release in self._tables and not self._pinned:
-                self._vms[vm] = (self._tables[release], release, why)
+                self._vms[(host, vm)] = (self._tables[release], release, why)
         self._windows.restore(doc.get("windows", ()), base)
         self.changes += 1
 

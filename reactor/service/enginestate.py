@@ -205,10 +205,16 @@ class StateKeeper:
         for name, (doc, wall) in found.items():
             # The part's times are relative to a moment that long ago.
             base = clock_now - max(0.0, wall_now - wall)
-            for what in state.overdue(self.engine, name, doc, base, clock_now):
-                log.warning("late: rule %s: %s, ended while the sidecar was down", name, what)
-            taken += state.restore(self.engine, {name: doc}, base)
             self._written[name] = ""  # in the file: written again, or deleted, next time
+            try:
+                for what in state.overdue(self.engine, name, doc, base, clock_now):
+                    log.warning("late: rule %s: %s, ended while the sidecar was down", name, what)
+                taken += state.restore(self.engine, {name: doc}, base)
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError) as err:
+                # A part of another shape (a damaged file, another version): its state is
+                # lost, the sidecar is not.
+                log.warning("%s: part %s unreadable (%s: %s): ignored", self.file.path, name,
+                            type(err).__name__, err)  # fmt: skip
         if found:
             log.info(
                 "engine state: %d parts restored, %d of changed or removed rules dropped",
