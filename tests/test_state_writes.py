@@ -50,13 +50,19 @@ def test_a_write_holds_only_the_parts_that_changed(tmp_path: Path) -> None:
     assert names == ["panics"]
 
 
-def test_parts_of_changed_rules_leave_the_file_at_the_next_write(tmp_path: Path) -> None:
+def written(tmp_path: Path) -> tuple[Path, StateKeeper]:
+    """A state file holding a panic counted and a STOP held (the keeper still open)."""
     path = tmp_path / "state.sqlite3"
     rig = Rig(ruleset(tmp_path), T0)
     keeper = StateKeeper(rig.engine, StateFile(path))
     rig.event(T0 + 1, "GUEST_PANICKED")
     rig.event(T0 + 2, "STOP")
     write(keeper)
+    return path, keeper
+
+
+def test_parts_of_changed_rules_leave_the_file_at_the_next_write(tmp_path: Path) -> None:
+    path, keeper = written(tmp_path)
     keeper.file.close()
     after = Rig(ruleset(tmp_path, RULES.replace("count: 3", "count: 4")), T0 + 3)
     keeper = StateKeeper(after.engine, StateFile(path))
@@ -68,12 +74,7 @@ def test_parts_of_changed_rules_leave_the_file_at_the_next_write(tmp_path: Path)
 def test_a_part_of_another_shape_is_ignored_and_the_rest_restored(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = tmp_path / "state.sqlite3"
-    rig = Rig(ruleset(tmp_path), T0)
-    keeper = StateKeeper(rig.engine, StateFile(path))
-    rig.event(T0 + 1, "GUEST_PANICKED")
-    rig.event(T0 + 2, "STOP")
-    write(keeper)
+    path, keeper = written(tmp_path)
     # The stage's part as an older layout wrote it (its VMs as a mapping), and a gate's
     # part damaged: each is lost alone, with a warning; nothing stops the start.
     [settle] = [n for n in keeper.file.parts() if n.startswith("gate:settle:")]
