@@ -1,14 +1,20 @@
 """restart_vm: the QMP steps of each method, verification, the restart guard and its backoff,
 the wait for jobs and migration, and the memory dump.
 
+Waits the action hands back to the dispatcher (``ActionNotDue``) are run again by
+``restart_when_due``, as the dispatcher does, with the guard's clocks moved on instead of
+sleeping.
+
 ``FakeQemu`` is an in-test double of a VM's QMP connection (a plain class with
 QEMU's run-state rules for these few commands); the real-QEMU tests are in
-``test_restart_backoff_qemu.py`` and ``test_e2e_guest.py``.
+``test_restart_qemu.py`` and ``test_e2e_guest.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,12 +24,22 @@ from qemu.qmp import ExecuteError
 from qemu.qmp.message import Message
 from qemu.qmp.models import ErrorResponse
 
-from reactor.actions._restart_guard import Backoff
+from reactor.actions import _restart_guard
+from reactor.actions._restart_guard import JOBS_WAITS_KEPT, Backoff
 from reactor.actions._restart_prep import dump_path_problem
 from reactor.actions.exec import DISABLED
 from reactor.actions.restart_vm import Plugin, RestartGuard, RestartParams, make_restart_vm
-from reactor.errors import ActionNotDue, PermanentActionError, TransientActionError
-from reactor.plugins.api import ActionContext, ActionSettings, CheckContext
+from reactor.dispatch.dispatcher import Dispatcher
+from reactor.errors import ActionNotDue, Location, PermanentActionError, TransientActionError
+from reactor.model import ActionSpec, Firing, RetryPolicy, Rule
+from reactor.plugins.api import (
+    ActionContext,
+    ActionParams,
+    ActionSettings,
+    ActionType,
+    CheckContext,
+)
+from reactor.plugins.hookspecs import ActionOutcome
 
 CAUSE = ("panic", "restart_vm")
 PREP = ("query-jobs", "query-migrate")
@@ -133,6 +149,47 @@ def restart(
     kind = make_restart_vm(guard or RestartGuard(), poll_interval=0.005)
     model = RestartParams.model_validate(params or {})
     return asyncio.run(kind.run(model, ctx or make_ctx(vm)))
+
+
+class Clocks:
+    """A guard's two clocks, moved on by hand: ``clock`` (the history's) and ``monotonic``."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def guard(self) -> RestartGuard:
+        return RestartGuard(clock=self, monotonic=self)
+
+
+def restart_when_due(
+    vm: FakeQemu,
+    params: dict[str, Any] | None = None,
+    *,
+    clocks: Clocks,
+    guard: RestartGuard,
+    ctx: ActionContext | None = None,
+    not_due: list[ActionNotDue] | None = None,
+) -> Any:
+    """As ``restart``, but run again after each ``ActionNotDue`` (kept in ``not_due``), as the
+    dispatcher does: the clocks move on by its ``retry_after`` instead of a sleep."""
+    kind = make_restart_vm(guard, poll_interval=0.005)
+    model = RestartParams.model_validate(params or {})
+    context = ctx or make_ctx(vm)
+    seen: list[ActionNotDue] = [] if not_due is None else not_due
+
+    async def runs() -> Any:
+        for _ in range(1000):
+            try:
+                return await kind.run(model, context)
+            except ActionNotDue as err:
+                seen.append(err)
+                clocks.now += float(err.retry_after or 0.0)
+        raise AssertionError("still not due after 1000 runs")
+
+    return asyncio.run(runs())
 
 
 def test_reset_of_a_running_vm() -> None:
@@ -348,19 +405,218 @@ def test_consecutive_restarts_wait_longer_each_time() -> None:
     assert fourth["suppressed"] is True and fourth["restarts"] == 3
 
 
-def test_restart_waits_for_jobs_and_migration() -> None:
+BACKUP = {"id": "b0", "type": "backup", "status": "running"}
+JOBS_POLL = 0.025
+"""The wait between two looks at jobs and migration with ``poll_interval=0.005``."""
+
+
+def test_restart_waits_for_jobs_and_migration_holding_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", "reactor.actions.restart_vm")
+    clocks = Clocks()
+    guard = clocks.guard()
     vm = FakeQemu("guest-panicked")
-    backup = {"id": "b0", "type": "backup", "status": "running"}
-    vm.jobs = [[backup], [backup], [{**backup, "status": "concluded"}]]
-    assert restart(vm)["suppressed"] is False
+    vm.jobs = [[BACKUP], [BACKUP], [{**BACKUP, "status": "concluded"}]]
+    not_due: list[ActionNotDue] = []
+    assert restart_when_due(vm, clocks=clocks, guard=guard, not_due=not_due)["suppressed"] is False
+    # Each look at the jobs was a run of its own, ended by ActionNotDue while the backup ran.
+    assert [(e.retry_after, str(e)) for e in not_due] == [
+        (JOBS_POLL, "restart of VM web1 waits: backup job 'b0' running (0s of 600s)"),
+        (JOBS_POLL, "restart of VM web1 waits: backup job 'b0' running (0s of 600s)"),
+    ]
     assert vm.calls[: vm.calls.index("system_reset")].count("query-jobs") == 3
     assert vm.status == "running"
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged[0] == "restart of VM web1 waits: backup job 'b0' running"  # once
+    assert re.fullmatch(r"restart of VM web1 waited 0\.[01]s for jobs and migration", logged[1])
+    assert len(logged) == 2
+    assert guard.jobs_waiting == 0
+    assert guard.decide("web1", "inv-2", 10, 600).restarts == 2  # the runs counted once
 
-    vm = FakeQemu("guest-panicked")
+    guard, vm = clocks.guard(), FakeQemu("guest-panicked")
     vm.migration = {"status": "active"}
+    not_due.clear()
     with pytest.raises(TransientActionError, match=r"not restarted: migration active after 0\.05s"):
-        restart(vm, {"jobs_timeout": "50ms"})
+        restart_when_due(vm, {"jobs_timeout": "50ms"}, clocks=clocks, guard=guard, not_due=not_due)
+    assert 2 <= len(not_due) <= 3 and all(e.retry_after == JOBS_POLL for e in not_due)
     assert "system_reset" not in vm.calls and vm.status == "guest-panicked"
+    assert guard.jobs_waiting == 0  # the retry the rule's retry: makes waits anew
+
+
+def test_a_run_after_a_wait_for_jobs_counts_once_and_dumps_once(tmp_path: Path) -> None:
+    clocks = Clocks()
+    guard = clocks.guard()
+    vm = FakeQemu("guest-panicked")
+    params = {
+        "backoff": {"initial": "20s", "max": "20s", "reset_after": "1h"},
+        "dump": str(tmp_path / "web1.elf"),
+    }
+    restart_when_due(vm, params, clocks=clocks, guard=guard, ctx=make_ctx(vm, "inv-1"))
+    assert len(vm.dumps) == 1
+    vm.status = "guest-panicked"
+    vm.calls.clear()
+    vm.jobs = [[BACKUP], [BACKUP], [BACKUP], []]
+    not_due: list[ActionNotDue] = []
+    second = make_ctx(vm, "inv-2")
+    result = restart_when_due(vm, params, clocks=clocks, guard=guard, ctx=second, not_due=not_due)
+    # First the backoff, then the jobs; the dump and the reset only after both.
+    assert [e.retry_after for e in not_due] == [20, JOBS_POLL, JOBS_POLL, JOBS_POLL]
+    assert "restart 2 in a row (backoff)" in str(not_due[0])
+    dumped = vm.calls.index("dump-guest-memory")
+    assert vm.calls.count("query-jobs") == 4 and "query-jobs" not in vm.calls[dumped:]
+    assert (result["streak"], result["waited"], result["dump"]["status"]) == (2, 20, "completed")
+    assert len(vm.dumps) == 2 and vm.status == "running"
+    assert guard.decide("web1", "inv-3", 10, 600).restarts == 3  # inv-2 counted once
+
+
+class NoParams(ActionParams):
+    """No parameters."""
+
+
+def test_through_the_dispatcher_a_restart_waiting_for_jobs_holds_no_slot() -> None:
+    """One slot: another rule's action runs while the restart waits, and the wait outlasts
+    the attempt's ``timeout`` without spending an attempt."""
+    vm = FakeQemu("guest-panicked")
+    vm.jobs = [[BACKUP]]
+    guard = RestartGuard()
+    delivered: list[str] = []
+    outcomes: list[ActionOutcome] = []
+
+    async def deliver(params: NoParams, ctx: ActionContext) -> None:
+        delivered.append(ctx.envelope["vm"])
+
+    here = Location("rules.yaml", 1, 1)
+    once = RetryPolicy(attempts=1, initial=1.0, max=1.0, multiplier=2.0, jitter=0.0)
+    panic = Rule(
+        "panic",
+        ("GUEST_PANICKED",),
+        (ActionSpec("restart_vm", {}, here, retry=once, timeout=1.0),),
+        here,
+    )
+    hook = Rule("hook", ("POWERDOWN",), (ActionSpec("deliver", {}, here, retry=once),), here)
+
+    async def main() -> None:
+        dispatcher = Dispatcher(
+            action_types={
+                "restart_vm": make_restart_vm(guard, poll_interval=0.005),
+                "deliver": ActionType("deliver", NoParams, deliver),
+            },
+            settings=ActionSettings(),
+            render=lambda inv, atype: atype.params.model_validate(inv.spec.params),
+            journal=None,
+            vm_lookup=lambda name, source: vm if name == "web1" else None,
+            on_outcome=outcomes.append,
+            max_concurrency=1,
+        )
+        await dispatcher.start()
+        try:
+            envelope = {"event": "GUEST_PANICKED", "vm": "web1", "seq": 1, "data": {}}
+            dispatcher.submit(Firing(panic, envelope, 0.0))
+            async with asyncio.timeout(30):
+                while not guard.jobs_waiting:
+                    await asyncio.sleep(0.01)
+                waiting = time.monotonic()
+                dispatcher.submit(Firing(hook, {"event": "POWERDOWN", "vm": "web2", "seq": 1}, 0.0))
+                while not delivered:
+                    await asyncio.sleep(0.01)
+                assert vm.status == "guest-panicked" and not outcomes[1:]
+                await asyncio.sleep(max(0.0, waiting + 1.5 - time.monotonic()))  # > timeout
+                vm.jobs = [[]]  # the backup ends
+                await dispatcher.drain()
+        finally:
+            await dispatcher.shutdown(0.0)
+
+    asyncio.run(main())
+    assert delivered == ["web2"] and vm.status == "running"
+    assert [(o.rule, o.status, o.attempt) for o in outcomes] == [
+        ("hook", "ok", 1),
+        ("panic", "ok", 1),
+    ]
+    assert vm.calls.count("query-jobs") >= 3 and guard.jobs_waiting == 0
+
+
+def test_a_vm_started_by_someone_else_while_the_restart_waits_for_jobs_is_left() -> None:
+    clocks = Clocks()
+    guard = clocks.guard()
+    vm = FakeQemu("guest-panicked")
+    params = {"backoff": {"initial": "1m", "max": "1m"}}
+    restart_when_due(vm, params, clocks=clocks, guard=guard, ctx=make_ctx(vm, "inv-1"))
+    vm.status = "guest-panicked"  # seen stopped during the backoff below
+    vm.calls.clear()
+    vm.jobs = [[BACKUP]]
+    kind = make_restart_vm(guard, poll_interval=0.005)
+    second = make_ctx(vm, "inv-2")
+    with pytest.raises(ActionNotDue, match="restart 2 in a row"):
+        asyncio.run(kind.run(RestartParams(**params), second))
+    clocks.now += 60
+    with pytest.raises(ActionNotDue, match="waits: backup job 'b0' running"):
+        asyncio.run(kind.run(RestartParams(**params), second))
+    assert guard.jobs_waiting == 1
+    vm.status = "running"  # an operator's system_reset and cont, while the backup runs
+    result = asyncio.run(kind.run(RestartParams(**params), second))
+    assert result["skipped"] == "running again" and result["streak"] == 2
+    assert "system_reset" not in vm.calls and guard.jobs_waiting == 0
+
+
+def test_a_run_that_fails_while_it_waits_for_jobs_ends_its_wait() -> None:
+    clocks = Clocks()
+    guard = clocks.guard()
+    vm = FakeQemu("guest-panicked")
+    vm.jobs = [[BACKUP], []]  # then over, but the connection is lost
+    kind = make_restart_vm(guard, poll_interval=0.005)
+    with pytest.raises(ActionNotDue):
+        asyncio.run(kind.run(RestartParams(), make_ctx(vm)))
+    assert guard.jobs_waiting == 1
+
+    def lost() -> None:
+        raise EOFError("connection closed")
+
+    vm.query_migrate = lost  # type: ignore[method-assign]
+    with pytest.raises(TransientActionError, match="query-migrate on web1: connection lost"):
+        asyncio.run(kind.run(RestartParams(), make_ctx(vm)))
+    assert guard.jobs_waiting == 0
+
+
+def test_the_guard_forgets_a_wait_for_jobs_that_ended_and_keeps_a_bounded_number() -> None:
+    clocks = Clocks()
+    guard = clocks.guard()
+    assert guard.jobs_wait("a") == (0.0, True)
+    clocks.now += 3
+    assert guard.jobs_wait("a") == (3.0, False)
+    assert guard.end_jobs_wait("a") == 3.0
+    assert guard.end_jobs_wait("a") is None and guard.jobs_waiting == 0
+    assert guard.jobs_wait("a") == (0.0, True)  # a new wait
+    for n in range(JOBS_WAITS_KEPT + 5):  # invocations cancelled while they waited
+        guard.jobs_wait(f"inv-{n}")
+    assert guard.jobs_waiting == JOBS_WAITS_KEPT
+    assert guard.jobs_wait("a")[1] is True  # the oldest went first
+    assert guard.jobs_wait("inv-5") == (0.0, True)
+    assert guard.jobs_wait(f"inv-{JOBS_WAITS_KEPT + 4}") == (0.0, False)
+    assert _restart_guard.JOBS_WAITS_KEPT == 10_000
+
+
+def test_the_jobs_wait_is_on_the_monotonic_clock_with_a_wall_clock_history() -> None:
+    wall, monotonic = Clocks(), Clocks()
+    guard = RestartGuard(monotonic=monotonic)
+    guard.attach(_restart_guard.MemoryHistory(), clock=wall)
+    guard.jobs_wait("a")
+    wall.now -= 3600  # the wall clock set back an hour
+    monotonic.now += 2
+    assert guard.jobs_wait("a") == (2.0, False)
+
+
+def test_a_restart_waiting_for_jobs_keeps_its_record_past_the_window() -> None:
+    clocks = Clocks()
+    guard = clocks.guard()
+    assert guard.decide("web1", "a", 10, 60).restarts == 1
+    guard.jobs_wait("a")  # a waits for a backup
+    clocks.now += 1
+    assert guard.decide("web1", "b", 10, 60).restarts == 2
+    clocks.now += 120
+    assert guard.decide("web1", "c", 10, 60).restarts == 1  # a and b out of the window
+    again = guard.decide("web1", "a", 10, 60)  # a's next run: admitted as before
+    assert again.admitted and again.at == 1000.0
 
 
 def test_dump_before_the_reset_once_per_invocation(tmp_path: Path) -> None:
@@ -434,13 +690,17 @@ def test_backoff_and_dump_parameter_rules(params: dict[str, Any]) -> None:
 
 
 def test_what_qemu_says_of_its_jobs_is_bounded_and_escaped() -> None:
+    clocks = Clocks()
     vm = FakeQemu("guest-panicked")
     vm.jobs = [[{"id": "x" * 500, "type": "backup\n\x1b[2J", "status": {"deep": [1]}}]]
+    not_due: list[ActionNotDue] = []
     with pytest.raises(TransientActionError) as caught:
-        restart(vm, {"jobs_timeout": "20ms"})
-    message = str(caught.value)
-    assert "\n" not in message and "\x1b" not in message and len(message) < 300
-    assert f"'backup\\n\\x1b[2J' job '{'x' * 64}' \"{{'deep': [1]}}\"" in message
+        guard = clocks.guard()
+        restart_when_due(vm, {"jobs_timeout": "20ms"}, clocks=clocks, guard=guard, not_due=not_due)
+    shown = f"'backup\\n\\x1b[2J' job '{'x' * 64}' \"{{'deep': [1]}}\""
+    for message in [str(caught.value), *map(str, not_due)]:
+        assert "\n" not in message and "\x1b" not in message and len(message) < 300
+        assert shown in message
 
 
 def test_a_wait_longer_than_a_moment_is_handed_back_to_the_dispatcher() -> None:

@@ -1,7 +1,12 @@
 """restart_vm against a real QEMU, through a real sidecar.
 
 * A backup job and a migration: a VM stopped while one runs is not restarted until it ends
-  (an attempt that waited ``jobs_timeout`` fails and is retried), then it is.
+  (the action waits without a slot, run again every second; ``jobs_timeout`` after the wait
+  began the attempt fails and is retried), then it is.
+* With ``max_concurrency: 1``, a VM whose restart waits for a running backup holds no slot:
+  another VM's webhook reaches a loopback receiver meanwhile, the wait outlasts the action's
+  ``timeout:`` without spending an attempt, and once the job is cancelled the restart happens
+  in its first attempt.
 * A restart waiting out its backoff when the sidecar is killed with SIGKILL: the next sidecar
   carries it out.
 * With ``max_concurrency: 1``, a VM waiting out its backoff (the configuration's
@@ -198,6 +203,74 @@ def test_a_restart_waiting_out_its_backoff_holds_no_slot(tmp_path: Path) -> None
             assert crashy.qmp.execute("query-status")["status"] == "running"
             oks = [r["message"] for r in sidecar.outcomes("restart_vm", "ok")]
             assert all(m.endswith(" attempt=1") for m in oks), oks
+        assert sidecar.returncode == 0
+        assert "Traceback" not in sidecar.log_text()
+    finally:
+        receiver.down()
+
+
+JOB_SLOT_RULES = """\
+rules:
+  - name: stopped
+    on: STOP
+    actions:
+      - type: restart_vm
+        with: {jobs_timeout: 5m}
+        retry: {attempts: 1}
+        timeout: 15s
+  - name: powered-down
+    on: POWERDOWN
+    actions:
+      - type: webhook
+        with: {url: URL}
+"""
+
+
+def test_a_restart_waiting_for_a_backup_holds_no_slot(tmp_path: Path) -> None:
+    receiver = Receiver()
+    config = tmp_path / "config.yaml"
+    config.write_text("actions:\n  max_concurrency: 1\n")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(JOB_SLOT_RULES.replace("URL", receiver.url))
+    args = [*_blockdev("src"), *_blockdev("dst")]
+    try:
+        with (
+            ThrowawayQemu(name="vm", extra_qmp=["vm"], extra_args=args, memory_mb=64) as qemu,
+            ThrowawayQemu(name="web", extra_qmp=["web"], memory_mb=64) as web,
+            Sidecar(
+                tmp_path,
+                [qemu.qmp_socket("vm"), web.qmp_socket("web")],
+                [rules],
+                extra_args=["--config", str(config)],
+            ) as sidecar,
+        ):
+            sidecar.wait_message("vm: connected", 30)
+            sidecar.wait_message("web: connected", 30)
+            backup = {"job-id": "b0", "device": "src", "target": "dst", "sync": "full"}
+            qemu.qmp.execute("blockdev-backup", {**backup, "speed": 65536})
+            qemu.qmp.execute("stop")
+            sidecar.wait_message("restart of VM vm waits: backup job 'b0' running", 30)
+            waiting = time.monotonic()
+            web.qmp.execute("system_powerdown")
+            receiver.wait(lambda r: len(r.delivered) == 1, 25, "webhook")
+            # Delivered while the restart waits for the backup, in the one slot there is.
+            assert qemu.qmp.execute("query-status")["status"] == "paused"
+            assert not sidecar.outcomes("restart_vm", "ok")
+            # Longer than the action's timeout: the wait is no attempt, so none times out.
+            time.sleep(max(0.0, waiting + 20 - time.monotonic()))
+            _restarted_after(qemu, "block-job-cancel", until="BLOCK_JOB_CANCELLED")
+            _oks(sidecar, 1)
+            sidecar.wait_message("restart of VM vm waited", 30)
+            oks = [r["message"] for r in sidecar.outcomes("restart_vm", "ok")]
+            assert len(oks) == 1 and oks[0].endswith(" attempt=1"), oks
+            assert not sidecar.outcomes("restart_vm", "retry")
+            assert not sidecar.outcomes("restart_vm", "failed")
+            starts = [
+                r
+                for r in sidecar.records()
+                if r.get("message", "").startswith("restart of VM vm waits:")
+            ]
+            assert len(starts) == 1  # logged once, when the wait began
         assert sidecar.returncode == 0
         assert "Traceback" not in sidecar.log_text()
     finally:

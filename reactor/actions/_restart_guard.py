@@ -10,6 +10,14 @@ restarts wait ``initial``, then twice as long each time up to ``max``; a VM that
 ran ``reset_after`` since its last restart starts again from no wait.
 ``decide`` answers with an ``Admission``; ``admit`` is the plain
 ``(admitted, restarts)`` of the guard before it had a backoff.
+
+The guard also remembers, per invocation, since when its restart has waited for
+the VM's block jobs and migration (``jobs_wait``, ``end_jobs_wait``): that wait
+is made of attempts that end at once with ``ActionNotDue``, so no attempt can
+hold the time. It is kept on the guard's ``monotonic`` clock, whatever clock the
+history uses, in memory only (a sidecar that starts again waits anew), for at
+most ``JOBS_WAITS_KEPT`` invocations (the oldest goes: an invocation cancelled
+while it waited never ends its wait).
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+JOBS_WAITS_KEPT = 10_000
+"""Invocations whose wait for jobs and migration a guard remembers at most."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,10 +122,15 @@ class RestartGuard:
         self,
         clock: Callable[[], float] = time.monotonic,
         history: RestartHistory | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.clock = clock
         self.history: RestartHistory = MemoryHistory() if history is None else history
+        self.monotonic = monotonic
+        """The clock of the waits for jobs and migration (never the wall clock)."""
         self._lock = threading.Lock()
+        self._jobs_waits: dict[str, float] = {}
+        """Invocation -> when its restart first found the VM busy, oldest first."""
 
     def attach(self, history: RestartHistory, clock: Callable[[], float] = time.time) -> None:
         """Keep restarts in ``history`` from now on, timed by ``clock`` (a durable history's
@@ -156,7 +172,10 @@ class RestartGuard:
                 return Admission(False, len(recent))
             restart = self._next(kept[-1] if kept else None, invocation_id, now, backoff)
             # The last restart stays, even out of the window: the next streak counts from it.
-            older = [r for r in kept[:-1] if r.at > now - window] + list(kept[-1:])
+            # So does one still waiting for jobs: its next run must find itself admitted.
+            older = [
+                r for r in kept[:-1] if r.at > now - window or r.invocation in self._jobs_waits
+            ] + list(kept[-1:])
             self.history.save(vm, (*older, restart))
             return Admission(True, len(recent) + 1, restart.streak, restart.due, at=now)
 
@@ -195,3 +214,30 @@ class RestartGuard:
                 for r in kept
             )
             self.history.save(vm, changed)
+
+    def jobs_wait(self, invocation_id: str) -> tuple[float, bool]:
+        """Seconds this invocation's restart has waited for jobs and migration, and whether
+        the wait starts now (it then counts from now)."""
+        now = self.monotonic()
+        with self._lock:
+            since = self._jobs_waits.get(invocation_id)
+            if since is not None:
+                return now - since, False
+            while len(self._jobs_waits) >= JOBS_WAITS_KEPT:
+                del self._jobs_waits[next(iter(self._jobs_waits))]
+            self._jobs_waits[invocation_id] = now
+            return 0.0, True
+
+    def end_jobs_wait(self, invocation_id: str) -> float | None:
+        """Forget this invocation's wait for jobs and migration; how long it lasted (seconds,
+        None if it was not waiting)."""
+        now = self.monotonic()
+        with self._lock:
+            since = self._jobs_waits.pop(invocation_id, None)
+        return None if since is None else now - since
+
+    @property
+    def jobs_waiting(self) -> int:
+        """How many invocations' waits for jobs and migration the guard remembers."""
+        with self._lock:
+            return len(self._jobs_waits)

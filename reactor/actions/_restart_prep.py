@@ -1,8 +1,14 @@
 """Before a restart: wait out the VM's block jobs and migration, and dump the guest's memory.
 
 A reset in the middle of a backup, a snapshot or a migration spoils it, so
-``wait_idle`` polls ``query-jobs`` and ``query-migrate`` until nothing runs (a
-QEMU too old for one of them has nothing of that kind to wait for).
+``wait_idle`` asks ``query-jobs`` and ``query-migrate`` whether something runs
+(a QEMU too old for one of them has nothing of that kind to wait for). While
+something does, it raises ``ActionNotDue``: the attempt ends, the dispatcher
+gives its concurrency slot back and runs the invocation again a poll interval
+later, uncounted. The ``RestartGuard`` remembers when the invocation first found
+the VM busy, so that ``jobs_timeout`` after that the wait fails like any
+attempt (``TransientActionError``, counted by the rule's ``retry:``; the retry
+waits anew).
 ``dump_memory`` has QEMU write ``dump-guest-memory`` to a file in the
 background and follows it with ``query-dump``; QEMU announces the end with
 DUMP_COMPLETED, which reaches the rules marked as caused by ``restart_vm``.
@@ -16,8 +22,9 @@ import asyncio
 import logging
 from typing import Any
 
+from reactor.actions._restart_guard import RestartGuard
 from reactor.actions._vmcall import execute, require_vm
-from reactor.errors import PermanentActionError, TransientActionError
+from reactor.errors import ActionNotDue, PermanentActionError, TransientActionError
 from reactor.plugins.api import ActionContext
 
 log = logging.getLogger("reactor.actions.restart_vm")
@@ -58,24 +65,34 @@ async def busy(ctx: ActionContext) -> str | None:
     return None
 
 
-async def wait_idle(ctx: ActionContext, timeout: float, interval: float) -> None:
-    """Return once no job or migration runs on the VM; TransientActionError after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+async def wait_idle(
+    ctx: ActionContext, guard: RestartGuard, timeout: float, interval: float
+) -> None:
+    """Return once no job or migration runs on the VM.
+
+    While one does, raise ``ActionNotDue`` to be run again in ``interval``, holding
+    nothing; once ``timeout`` passed since this invocation first found the VM busy
+    (``guard.jobs_wait``), raise ``TransientActionError`` instead.
+    """
     waiting = await busy(ctx)
-    if waiting is None:
-        return
     vm = require_vm(ctx).name
-    log.info("restart of VM %s waits: %s", vm, waiting)
-    while waiting is not None:
-        if loop.time() >= deadline:
-            raise TransientActionError(
-                f"VM {vm} not restarted: {waiting} after {timeout:g}s of waiting"
-            )
-        await asyncio.sleep(interval)
-        waiting = await busy(ctx)
-    waited = timeout - (deadline - loop.time())
-    log.info("restart of VM %s waited %.1fs for jobs and migration", vm, waited)
+    if waiting is None:
+        waited = guard.end_jobs_wait(ctx.invocation_id)
+        if waited is not None:
+            log.info("restart of VM %s waited %.1fs for jobs and migration", vm, waited)
+        return
+    waited, starts = guard.jobs_wait(ctx.invocation_id)
+    if starts:
+        log.info("restart of VM %s waits: %s", vm, waiting)
+    if waited >= timeout:
+        guard.end_jobs_wait(ctx.invocation_id)
+        raise TransientActionError(
+            f"VM {vm} not restarted: {waiting} after {timeout:g}s of waiting"
+        )
+    raise ActionNotDue(
+        f"restart of VM {vm} waits: {waiting} ({waited:.0f}s of {timeout:g}s)",
+        retry_after=interval,
+    )
 
 
 def dump_path_problem(path: str) -> str | None:

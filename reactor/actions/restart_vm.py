@@ -12,9 +12,14 @@ restart not yet due raises ``ActionNotDue`` so that the dispatcher runs it again
 then, holding no concurrency slot and spending no attempt while it waits.
 
 Before the restart the action waits for the VM's block jobs and migration to
-end, and with ``dump`` has QEMU write the guest's memory to a file
-(``_restart_prep``). Every command carries ``cause=(rule, "restart_vm")``, so
-the RESET, RESUME and DUMP_COMPLETED events it provokes arrive marked
+end, also holding no slot: while one runs it raises ``ActionNotDue`` to be run
+again a second later, and the guard remembers since when the invocation has
+waited, so that ``jobs_timeout`` after that the wait fails like an attempt
+(``_restart_prep.wait_idle``). The backoff comes first, then the jobs: a run
+after either wait is admitted again without counting twice, and nothing is
+dumped or reset before both are over. With ``dump`` QEMU then writes the
+guest's memory to a file. Every command carries ``cause=(rule, "restart_vm")``,
+so the RESET, RESUME and DUMP_COMPLETED events it provokes arrive marked
 ``caused_by`` and rules can ignore them.
 """
 
@@ -57,7 +62,8 @@ VERIFIED = frozenset({"reset", "powerdown"})
 """Methods after which the VM is seen running (the backoff's ``reset_after`` counts from then)."""
 POLL_INTERVAL = 0.2
 JOBS_POLLS_SLOWER = 5
-"""Jobs and migrations last minutes: ask about them every second, not five times a second."""
+"""Jobs and migrations last minutes: ask about them every second, not five times a second
+(each time in a run of its own, after an ``ActionNotDue``)."""
 INLINE_WAIT = 1.0
 """A backoff wait up to this long is slept in the attempt: not worth giving the slot back."""
 
@@ -204,34 +210,15 @@ def make_restart_vm(
 
     async def run_restart_vm(params: RestartParams, ctx: ActionContext) -> dict[str, Any]:
         """Restart unless rationed; verify the VM runs again (not for quit and command)."""
-        if params.method == "command":
-            refuse_unless_enabled(ctx.settings)
-        vm = ctx.vm.name if ctx.vm is not None else str(ctx.envelope.get("vm", ""))
-        limit = params.limit or ctx.settings.restart_limit
-        window = params.window or ctx.settings.restart_window
-        backoff = _backoff(params, ctx.settings)
-        admission = the_guard.decide(vm, ctx.invocation_id, limit, window, backoff)
-        if not admission.admitted:
-            return _suppressed(params, ctx, vm, admission.restarts, limit, window)
-        result: dict[str, Any] = {"method": params.method, "suppressed": False}
-        if backoff is not None:
-            meanwhile = await _when_due(the_guard, vm, admission, ctx)
-            waited = max(admission.due - admission.at, 0.0)
-            result.update(streak=admission.streak, waited=round(waited, 3))
-            if meanwhile:
-                the_guard.note(vm, ctx.invocation_id, ran=True)
-                return {**result, "skipped": "running again"}
-        if ctx.vm is not None or params.method != "command":
-            await wait_idle(ctx, params.jobs_timeout, poll_interval * JOBS_POLLS_SLOWER)
-        if params.dump is not None and not admission.dumped and ctx.vm is not None:
-            result["dump"] = await _dump(params, ctx, poll_interval)
-            the_guard.note(vm, ctx.invocation_id, dumped=True)
-        restarter = _Restarter(params, ctx, poll_interval)
-        step: Callable[[], Awaitable[None]] = getattr(restarter, params.method)
-        await step()
-        if params.method in VERIFIED:
-            the_guard.note(vm, ctx.invocation_id, ran=True)
-        return result
+        ended = True
+        try:
+            return await _restart(the_guard, params, ctx, poll_interval)
+        except ActionNotDue:
+            ended = False  # run again: a wait for jobs and migration goes on
+            raise
+        finally:
+            if ended:  # done, skipped, suppressed or failed: its wait is over too
+                the_guard.end_jobs_wait(ctx.invocation_id)
 
     return ActionType(
         name=ACTION,
@@ -240,6 +227,45 @@ def make_restart_vm(
         check=check_restart_vm,
         description="Reset, power-cycle or quit the VM (rationed per VM), then verify it runs.",
     )
+
+
+async def _restart(
+    the_guard: RestartGuard, params: RestartParams, ctx: ActionContext, poll_interval: float
+) -> dict[str, Any]:
+    """One run: admission, the backoff, the wait for jobs and migration, the dump, the restart.
+
+    A run after ``ActionNotDue`` (a wait not over) is admitted again by ``decide`` without
+    counting twice, finds the backoff over and checks again whether someone else started a
+    VM seen stopped during it; the dump and the restart only follow the end of both waits.
+    """
+    if params.method == "command":
+        refuse_unless_enabled(ctx.settings)
+    vm = ctx.vm.name if ctx.vm is not None else str(ctx.envelope.get("vm", ""))
+    limit = params.limit or ctx.settings.restart_limit
+    window = params.window or ctx.settings.restart_window
+    backoff = _backoff(params, ctx.settings)
+    admission = the_guard.decide(vm, ctx.invocation_id, limit, window, backoff)
+    if not admission.admitted:
+        return _suppressed(params, ctx, vm, admission.restarts, limit, window)
+    result: dict[str, Any] = {"method": params.method, "suppressed": False}
+    if backoff is not None:
+        meanwhile = await _when_due(the_guard, vm, admission, ctx)
+        waited = max(admission.due - admission.at, 0.0)
+        result.update(streak=admission.streak, waited=round(waited, 3))
+        if meanwhile:
+            the_guard.note(vm, ctx.invocation_id, ran=True)
+            return {**result, "skipped": "running again"}
+    if ctx.vm is not None or params.method != "command":
+        await wait_idle(ctx, the_guard, params.jobs_timeout, poll_interval * JOBS_POLLS_SLOWER)
+    if params.dump is not None and not admission.dumped and ctx.vm is not None:
+        result["dump"] = await _dump(params, ctx, poll_interval)
+        the_guard.note(vm, ctx.invocation_id, dumped=True)
+    restarter = _Restarter(params, ctx, poll_interval)
+    step: Callable[[], Awaitable[None]] = getattr(restarter, params.method)
+    await step()
+    if params.method in VERIFIED:
+        the_guard.note(vm, ctx.invocation_id, ran=True)
+    return result
 
 
 def _backoff(params: RestartParams, settings: ActionSettings) -> Backoff | None:
