@@ -21,9 +21,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +172,22 @@ rules:
 """
 
 
+@contextlib.contextmanager
+def _beside_web(
+    tmp_path: Path, name: str, rules: Path, config: Path, args: Sequence[str] = ()
+) -> Iterator[tuple[ThrowawayQemu, ThrowawayQemu, Sidecar]]:
+    """VM ``name`` and VM ``web``, both connected to one sidecar with ``config``."""
+    with (
+        ThrowawayQemu(name=name, extra_qmp=[name], extra_args=list(args), memory_mb=64) as vm,
+        ThrowawayQemu(name="web", extra_qmp=["web"], memory_mb=64) as web,
+        Sidecar(tmp_path, [vm.qmp_socket(name), web.qmp_socket("web")], [rules],
+                extra_args=["--config", str(config)]) as sidecar,
+    ):  # fmt: skip
+        sidecar.wait_message(f"{name}: connected", 30)
+        sidecar.wait_message("web: connected", 30)
+        yield vm, web, sidecar
+
+
 def test_a_restart_waiting_out_its_backoff_holds_no_slot(tmp_path: Path) -> None:
     receiver = Receiver()
     config = tmp_path / "config.yaml"
@@ -177,18 +195,7 @@ def test_a_restart_waiting_out_its_backoff_holds_no_slot(tmp_path: Path) -> None
     rules = tmp_path / "rules.yaml"
     rules.write_text(SLOT_RULES.replace("URL", receiver.url))
     try:
-        with (
-            ThrowawayQemu(name="crashy", extra_qmp=["crashy"], memory_mb=64) as crashy,
-            ThrowawayQemu(name="web", extra_qmp=["web"], memory_mb=64) as web,
-            Sidecar(
-                tmp_path,
-                [crashy.qmp_socket("crashy"), web.qmp_socket("web")],
-                [rules],
-                extra_args=["--config", str(config)],
-            ) as sidecar,
-        ):
-            sidecar.wait_message("crashy: connected", 30)
-            sidecar.wait_message("web: connected", 30)
+        with _beside_web(tmp_path, "crashy", rules, config) as (crashy, web, sidecar):
             crashy.qmp.execute("stop")
             _oks(sidecar, 1)  # the first restart at once
             crashy.qmp.execute("stop")
@@ -209,21 +216,10 @@ def test_a_restart_waiting_out_its_backoff_holds_no_slot(tmp_path: Path) -> None
         receiver.down()
 
 
-JOB_SLOT_RULES = """\
-rules:
-  - name: stopped
-    on: STOP
-    actions:
-      - type: restart_vm
-        with: {jobs_timeout: 5m}
-        retry: {attempts: 1}
-        timeout: 15s
-  - name: powered-down
-    on: POWERDOWN
-    actions:
-      - type: webhook
-        with: {url: URL}
-"""
+JOB_SLOT_RULES = SLOT_RULES.replace(
+    "        retry: {attempts: 1}\n",
+    "        with: {jobs_timeout: 5m}\n        retry: {attempts: 1}\n        timeout: 15s\n",
+)
 
 
 def test_a_restart_waiting_for_a_backup_holds_no_slot(tmp_path: Path) -> None:
@@ -234,18 +230,7 @@ def test_a_restart_waiting_for_a_backup_holds_no_slot(tmp_path: Path) -> None:
     rules.write_text(JOB_SLOT_RULES.replace("URL", receiver.url))
     args = [*_blockdev("src"), *_blockdev("dst")]
     try:
-        with (
-            ThrowawayQemu(name="vm", extra_qmp=["vm"], extra_args=args, memory_mb=64) as qemu,
-            ThrowawayQemu(name="web", extra_qmp=["web"], memory_mb=64) as web,
-            Sidecar(
-                tmp_path,
-                [qemu.qmp_socket("vm"), web.qmp_socket("web")],
-                [rules],
-                extra_args=["--config", str(config)],
-            ) as sidecar,
-        ):
-            sidecar.wait_message("vm: connected", 30)
-            sidecar.wait_message("web: connected", 30)
+        with _beside_web(tmp_path, "vm", rules, config, args) as (qemu, web, sidecar):
             backup = {"job-id": "b0", "device": "src", "target": "dst", "sync": "full"}
             qemu.qmp.execute("blockdev-backup", {**backup, "speed": 65536})
             qemu.qmp.execute("stop")
