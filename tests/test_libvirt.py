@@ -12,6 +12,8 @@ rule with the envelope's ``uuid`` and ``source``, next to the default pack.
   guest boots again, and libvirt's log of the domain records no taint;
 * libvirtd restarts mid-run: the domain is disconnected, announced again with
   its state, and its events reach rules again;
+* a destroy through libvirt (about a second) leaves the event loop free: it
+  ticks all along;
 * a read-only URI is refused in one clear line; without libvirt-python,
   ``--libvirt`` says how to install it.
 """
@@ -19,6 +21,7 @@ rule with the envelope's ``uuid`` and ``source``, next to the default pack.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -320,6 +323,58 @@ def test_a_domain_takes_labels_from_its_metadata_and_the_configuration_wins(
     finally:
         domain.console.close()
         libvirtd.virsh("destroy", "lv-labelled", check=False)
+
+
+def test_a_destroy_through_libvirt_leaves_the_event_loop_free(
+    libvirtd: Libvirtd, files: GuestFiles
+) -> None:
+    """A destroy takes about a second; the loop ticks all along (libvirt's API in this
+    process, on its own loop)."""
+    seen: list[Envelope] = []
+
+    async def main() -> tuple[list[float], float, float]:
+        loop = asyncio.get_running_loop()
+        ticks: list[float] = []
+
+        async def tick() -> None:
+            while True:
+                ticks.append(loop.time())
+                await asyncio.sleep(0.01)
+
+        source = LibvirtSource(libvirtd.uri, seen.append)
+        task = asyncio.create_task(source.run())
+        ticker = asyncio.create_task(tick())
+        try:
+            async with asyncio.timeout(60):
+                while (domain := source.get("lv-quit")) is None or not domain.connected:
+                    await asyncio.sleep(0.05)
+            start = loop.time()
+            await domain.execute("quit")
+            end = loop.time()
+            async with asyncio.timeout(60):
+                while domain.connected:
+                    await asyncio.sleep(0.05)
+            return ticks, start, end
+        finally:
+            for t in (ticker, task):
+                t.cancel()
+            await asyncio.gather(ticker, task, return_exceptions=True)
+
+    domain = create(libvirtd, files, "lv-quit")
+    try:
+        ticks, start, end = asyncio.run(main())
+    finally:
+        domain.console.close()
+        libvirtd.virsh("destroy", "lv-quit", check=False)
+    took = end - start
+    during = [t for t in ticks if start < t < end]
+    assert during, f"the loop did not tick during the {took:.3f} s destroy"
+    edges = [start, *during, end]
+    widest = max(b - a for a, b in itertools.pairwise(edges))
+    assert widest < took / 2, f"the loop stood still {widest:.3f} s of the {took:.3f} s destroy"
+    gone = [e for e in seen if e["event"] == "REACTOR_DISCONNECTED"]
+    assert [e["data"]["reason"] for e in gone] == ["domain destroyed"]
+    assert libvirtd.virsh("domstate", "lv-quit", check=False).returncode != 0  # destroyed
 
 
 @dataclass

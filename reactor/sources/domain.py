@@ -17,8 +17,11 @@ command (``restart_vm``'s ``dump`` among them) goes through libvirt's
 monitor passthrough, after which libvirt marks the domain tainted
 (``custom-monitor``); that is said once per domain in the log.
 
-Every libvirt call runs on the event loop's thread: libvirtaio, which dispatches
-libvirt's events, is not thread-safe.
+Every call to libvirtd runs on one of the source's ``Calls`` threads
+(``reactor.sources.lvthreads``) and is awaited: a destroy takes about a second,
+and the event loop serves every other VM meanwhile. The domain's own state
+(envelopes, ``seq``, ``caused_by`` expectations) stays on the loop's thread;
+``caused_by`` is expected before the command is handed to a thread.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 from reactor.errors import PermanentActionError, TransientActionError
 from reactor.model import Envelope
 from reactor.sources.envelopes import OnEnvelope, OnState, VmEvents
+from reactor.sources.lvthreads import Calls
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,25 @@ def qemu_version(number: int) -> dict[str, Any]:
     return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": ""}
 
 
+def job_reply(api: Any, command: str, stats: Mapping[str, Any]) -> Any:
+    """``query-jobs`` / ``query-migrate`` from libvirt's job of a domain (``jobStats``).
+
+    libvirt runs one job at a time per domain (a migration, a backup, a dump...);
+    a migration is reported as ``query-migrate`` says it, any other as a running job.
+    """
+    active = stats.get("type") in (api.VIR_DOMAIN_JOB_BOUNDED, api.VIR_DOMAIN_JOB_UNBOUNDED)
+    operation = stats.get("operation", 0)
+    migrating = active and operation in (
+        getattr(api, "VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN", 2),
+        getattr(api, "VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT", 3),
+    )
+    if command == "query-migrate":
+        return {"status": "active" if migrating else "none"}
+    if active and not migrating:
+        return [{"id": f"libvirt-job-{operation}", "type": "libvirt", "status": "running"}]
+    return []
+
+
 def event_data(details: object) -> dict[str, Any]:
     """The ``data`` of a QMP event from libvirt's ``details`` (a JSON object as text, or None)."""
     if not isinstance(details, str):
@@ -99,9 +122,10 @@ def event_data(details: object) -> dict[str, Any]:
 class LibvirtDomain(VmEvents):
     """One domain of a libvirt connection (implements ``reactor.plugins.api.VmControl``).
 
-    ``api`` is the ``libvirt`` module (for its error class and codes). ``dom``
-    (a ``virDomain``) is set by ``begin`` and cleared by ``end``; in between the
-    domain is connected.
+    ``api`` is the ``libvirt`` module (for its error class and codes); ``calls``
+    the threads its libvirt calls run on. ``dom`` (a ``virDomain``) is set by
+    ``begin`` and cleared by ``end``; in between the domain is connected. Every
+    method runs on the event loop's thread.
     """
 
     def __init__(
@@ -112,6 +136,7 @@ class LibvirtDomain(VmEvents):
         on_envelope: OnEnvelope,
         api: Any,
         qemu: Any,
+        calls: Calls,
         *,
         on_state: OnState | None = None,
         seq: int = 0,
@@ -121,6 +146,7 @@ class LibvirtDomain(VmEvents):
         self.dom: Any = None
         self._api = api
         self._qemu = qemu
+        self._calls = calls
         self._held: deque[tuple[str, int, int, object, float]] = deque(maxlen=HOLD_MAX)
         self._tainted_said = False
 
@@ -130,9 +156,11 @@ class LibvirtDomain(VmEvents):
 
     # -- envelopes --------------------------------------------------------------------
 
-    def qmp_event(self, event: str, seconds: int, micros: int, details: object) -> None:
-        """One QMP event libvirt passed on (held until the domain is announced)."""
-        received = time.time()
+    def qmp_event(
+        self, event: str, seconds: int, micros: int, details: object, received: float
+    ) -> None:
+        """One QMP event libvirt passed on at ``received`` (epoch seconds), held until the
+        domain is announced."""
         if not self.connected:
             self._held.append((event, seconds, micros, details, received))
             return
@@ -150,10 +178,10 @@ class LibvirtDomain(VmEvents):
 
     # -- life -------------------------------------------------------------------------
 
-    def begin(self, dom: Any, version: int) -> None:
-        """Announce the domain (``REACTOR_CONNECTED`` with its QEMU and state), then its
-        held events."""
-        status = qmp_status(*dom.state())
+    def begin(self, dom: Any, state: tuple[int, int], version: int) -> None:
+        """Announce the domain (``REACTOR_CONNECTED`` with its QEMU and libvirt's
+        ``(state, reason)`` of it), then its held events."""
+        status = qmp_status(*state)
         self.dom = dom
         self._announce(qemu_version(version), status)
         log.info("%s: found on %s (%s)", self.name, self.address, status["status"])
@@ -192,17 +220,17 @@ class LibvirtDomain(VmEvents):
         pending = []
         try:
             commands: tuple[str, ...] = (command,)
-            if command == "system_reset" and dom.state()[0] == CRASHED:
+            if command == "system_reset" and (await self._calls.run(dom.state))[0] == CRASHED:
                 commands = PROVOKED_BY_RESET_OF_CRASHED
             if cause is not None:
                 now = time.monotonic()
                 pending = [x for c in commands for x in self._expect.add(c, *cause, now)]
-            return self._call(dom, command, arguments, commands)
+            return await self._call(dom, command, arguments, commands)
         except self._api.libvirtError as err:
             self._expect.cancel(pending)
             raise self._failure(command, err) from err
 
-    def _call(
+    async def _call(
         self, dom: Any, command: str, arguments: Mapping[str, Any] | None, steps: tuple[str, ...]
     ) -> Any:
         native: dict[str, Callable[[], Any]] = {
@@ -212,37 +240,20 @@ class LibvirtDomain(VmEvents):
             "system_powerdown": dom.shutdown,
             "quit": dom.destroy,
         }
+        run = self._calls.run
         if command == "query-status":
-            return qmp_status(*dom.state())
+            return qmp_status(*await run(dom.state))
         if command in ("query-jobs", "query-migrate") and not arguments:
-            return self._jobs(dom, command)
+            return job_reply(self._api, command, await run(dom.jobStats))
         if command in native and not arguments:
             for step in steps:
-                native[step]()
+                await run(native[step])
             return {}
-        return self._passthrough(dom, command, arguments)
+        return await self._passthrough(dom, command, arguments)
 
-    def _jobs(self, dom: Any, command: str) -> Any:
-        """``query-jobs`` / ``query-migrate`` from libvirt's job of the domain (no passthrough).
-
-        libvirt runs one job at a time per domain (a migration, a backup, a dump...);
-        a migration is reported as ``query-migrate`` says it, any other as a running job.
-        """
-        api = self._api
-        stats = dom.jobStats()
-        active = stats.get("type") in (api.VIR_DOMAIN_JOB_BOUNDED, api.VIR_DOMAIN_JOB_UNBOUNDED)
-        operation = stats.get("operation", 0)
-        migrating = active and operation in (
-            getattr(api, "VIR_DOMAIN_JOB_OPERATION_MIGRATION_IN", 2),
-            getattr(api, "VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT", 3),
-        )
-        if command == "query-migrate":
-            return {"status": "active" if migrating else "none"}
-        if active and not migrating:
-            return [{"id": f"libvirt-job-{operation}", "type": "libvirt", "status": "running"}]
-        return []
-
-    def _passthrough(self, dom: Any, command: str, arguments: Mapping[str, Any] | None) -> Any:
+    async def _passthrough(
+        self, dom: Any, command: str, arguments: Mapping[str, Any] | None
+    ) -> Any:
         if not self._tainted_said:
             self._tainted_said = True
             log.warning(
@@ -254,7 +265,8 @@ class LibvirtDomain(VmEvents):
         request: dict[str, Any] = {"execute": command}
         if arguments:
             request["arguments"] = dict(arguments)
-        reply = json.loads(self._qemu.qemuMonitorCommand(dom, json.dumps(request), 0))
+        text = await self._calls.run(self._qemu.qemuMonitorCommand, dom, json.dumps(request), 0)
+        reply = json.loads(text)
         if isinstance(reply, dict) and isinstance(reply.get("error"), dict):
             error = reply["error"]
             raise PermanentActionError(
