@@ -43,6 +43,7 @@ _PLUGIN_API = {
     "CheckContext": "reactor.plugins.api",
     "Duration": "reactor.plugins.api",
     "VmControl": "reactor.plugins.api",
+    "PluginState": "reactor.plugins.api",
     "Envelope": "reactor.model",
     "TransientActionError": "reactor.errors",
     "PermanentActionError": "reactor.errors",
@@ -58,6 +59,7 @@ __all__ = [
     "Duration",
     "Envelope",
     "PermanentActionError",
+    "PluginState",
     "Register",
     "TransientActionError",
     "VmControl",
@@ -75,6 +77,7 @@ if TYPE_CHECKING:
         ActionType,
         CheckContext,
         Duration,
+        PluginState,
         VmControl,
     )
     from reactor.plugins.hookspecs import ActionOutcome, Register, hookimpl

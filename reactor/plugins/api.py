@@ -110,3 +110,37 @@ class ActionParams(BaseModel):
     """Base of built-in parameter models: unknown parameters are errors, values frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PluginState(Protocol):
+    """A plugin's own durable state: JSON values under string keys (``reactor_state``'s store).
+
+    One namespace per plugin (its registered name) in the engine's state file;
+    no plugin sees another's keys. ``put`` and ``delete`` are committed before
+    they return, so what they wrote survives a kill -9. Each key remembers when
+    it was last written (wall clock, ``time.time``), for pruning what went stale.
+    """
+
+    def get(self, key: str) -> Any | None:
+        """The value kept under ``key``, or None."""
+        ...
+
+    def put(self, key: str, value: Any) -> None:
+        """Keep ``value`` (anything ``json.dumps`` takes) under ``key``, durably, now."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Forget ``key`` (nothing if it is not there)."""
+        ...
+
+    def items(self) -> list[tuple[str, Any]]:
+        """Every (key, value), by key."""
+        ...
+
+    def written(self, key: str) -> float | None:
+        """When ``key`` was last written (``time.time``), or None if it is not there."""
+        ...
+
+    def entries(self) -> list[tuple[str, Any, float]]:
+        """Every (key, value, when it was last written), by key."""
+        ...

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import pluggy
 
 from reactor.model import Envelope
-from reactor.plugins.api import ActionType
+from reactor.plugins.api import ActionType, PluginState
 
 PROJECT = "qmp_reactor"
 """The pluggy project name, also the entry-point group installed plugins declare."""
@@ -105,4 +105,16 @@ def reactor_shutdown() -> Awaitable[None] | None:
 
     May return an awaitable (e.g. closing a shared HTTP client), which the host
     awaits. An exception is logged; the other plugins still shut down.
+    """
+
+
+@hookspec
+def reactor_state(store: PluginState) -> None:
+    """Take the plugin's durable state: ``store`` is its own namespace of the state file.
+
+    Called once ``run`` opened the engine's state file, before the first event
+    (never with ``engine_state: false``, nor in commands that keep no state), and
+    again for each reload's new generation, also for a plugin object kept from
+    the old one: it must be idempotent. An exception aborts the start (or refuses the reload)
+    as a ``PluginError`` naming the plugin. Returns nothing.
     """

@@ -19,7 +19,7 @@ import logging
 import re
 import sys
 import traceback
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from reactor.errors import Location, PluginError
 from reactor.model import Envelope
 from reactor.plugins import hookspecs
-from reactor.plugins.api import ActionType
+from reactor.plugins.api import ActionType, PluginState
 from reactor.plugins.hookspecs import ActionOutcome
 
 log = logging.getLogger(__name__)
@@ -264,6 +264,17 @@ class Plugins:
                     await result
             except Exception as err:
                 raise PluginError(f"plugin {impl.plugin_name!r} failed to start: {err}") from err
+
+    def state(self, store: Callable[[str], PluginState]) -> None:
+        """Run every ``reactor_state`` hook with ``store(name)``, the namespace of the plugin
+        registered as ``name``; a failure raises PluginError naming it."""
+        for impl in self._impls("reactor_state"):
+            try:
+                _call(impl, store=store(impl.plugin_name))
+            except Exception as err:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} failed to take its state: {err}"
+                ) from err
 
     async def shutdown(self, *, skip: Collection[object] = ()) -> None:
         """Run every ``reactor_shutdown`` hook (not those of the plugin objects in ``skip``);
