@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from reactor.actions._restart_guard import Admission, Backoff, RestartGuard
-from reactor.actions._restart_guard import Restart as Restart  # for durable histories
+from reactor.actions._restart_guard import Admission, Backoff, Restart, RestartGuard
 from reactor.actions._restart_prep import dump_memory, wait_idle
 from reactor.actions._vmcall import execute, require_vm
 from reactor.actions.exec import DISABLED, last_line, refuse_unless_enabled, run_argv
@@ -51,6 +52,7 @@ from reactor.plugins.api import (
     ActionType,
     CheckContext,
     Duration,
+    PluginState,
 )
 from reactor.plugins.hookspecs import Register, hookimpl
 
@@ -342,11 +344,50 @@ def check_restart_vm(params: RestartParams, ctx: CheckContext) -> list[str]:
     return []
 
 
+class StoredHistory:
+    """A ``RestartHistory`` in the plugin's durable state: one key per VM, ``restarts:<vm>``,
+    its restarts as ``Restart`` fields (times on the wall clock).
+
+    Read once when made, dropping VMs not restarted for ``KEEP`` seconds; then
+    each ``save`` writes through (a restart must not be forgotten).
+    """
+
+    KEEP = 86400.0
+    """Seconds a VM's history is kept after its last restart (longer than any window)."""
+    PREFIX = "restarts:"
+
+    def __init__(self, store: PluginState) -> None:
+        self._store = store
+        self._cache: dict[str, tuple[Restart, ...]] = {}
+        since = time.time() - self.KEEP
+        for key, rows, wall in store.entries():
+            if not key.startswith(self.PREFIX):
+                continue
+            if wall <= since:
+                store.delete(key)
+                continue
+            try:
+                self._cache[key.removeprefix(self.PREFIX)] = tuple(Restart(**r) for r in rows)
+            except (TypeError, ValueError) as err:
+                log.warning("restart history %s unreadable (%s): ignored", key, err)
+
+    def load(self, vm: str) -> tuple[Restart, ...]:
+        """The restarts kept for ``vm``."""
+        return self._cache.get(vm, ())
+
+    def save(self, vm: str, restarts: tuple[Restart, ...]) -> None:
+        """Replace the restarts kept for ``vm``, in memory and in the store."""
+        self._cache[vm] = restarts
+        self._store.put(self.PREFIX + vm, [dataclasses.asdict(r) for r in restarts])
+
+
 class Plugin:
     """The built-in plugin: ``restart_vm`` rationed by a guard this instance owns.
 
     ``make_plugin_manager`` registers a fresh instance, so two managers (two
-    reactors in one process) never share restart history.
+    reactors in one process) never share restart history. With durable state
+    (``reactor_state``) the guard keeps its history there, on the wall clock, so a
+    restart of the sidecar forgets no restart.
     """
 
     def __init__(self, guard: RestartGuard | None = None) -> None:
@@ -357,3 +398,9 @@ class Plugin:
     def reactor_register_actions(self, register: Register) -> None:
         """Register ``restart_vm``."""
         register(self.action_type)
+
+    @hookimpl
+    def reactor_state(self, store: PluginState) -> None:
+        """Keep the guard's history in ``store`` from now on (again after a reload: the
+        store holds every restart, so the history read anew is the same)."""
+        self.guard.attach(StoredHistory(store), time.time)

@@ -356,8 +356,9 @@ class Daemon:
         return await start_metrics_server(self.metrics, new.config.metrics)
 
     async def _restart_plugins(self, old: Generation, new: Generation) -> None:
-        """Stop the plugins only the old generation has, start those only the new one has;
-        if one fails to start, the old ones again.
+        """Stop the plugins only the old generation has, give every new one its state
+        (``reactor_state``) and start those only the new one has; if one fails to take
+        its state or to start, the old ones again.
 
         A built-in or a plugin installed as a package is the same module in both
         generations: it keeps running, untouched. A file in a plugin directory is
@@ -365,7 +366,9 @@ class Daemon:
         """
         kept = [p for p in new.plugins.plugin_objects() if _has(old, p)]
         await old.plugins.shutdown(skip=kept)
+        assert self.reactor is not None
         try:
+            self.reactor.open_plugins_state(new.plugins)
             await new.plugins.startup(new.settings, skip=kept)
         except PluginError:
             await new.plugins.shutdown(skip=kept)

@@ -9,15 +9,15 @@ most the last interval. At start it reads them back: the time the sidecar was
 down is measured on the wall clock saved with the state, so windows that ended
 meanwhile are settled at once (a held event or a due firing goes out then,
 logged as late; an ``absent`` whose deadline passed fires), while running,
-the engine's monotonic clock rules. The restart guard's history lives in the
-same file (``RestartHistoryStore``).
+the engine's monotonic clock rules. Plugins keep their own state in the same
+file, each in a namespace of its own (``PluginStore``, given to them by the
+``reactor_state`` hook).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import sqlite3
@@ -27,7 +27,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from reactor.actions.restart_vm import Restart
 from reactor.engine import state
 from reactor.engine.core import Engine
 
@@ -39,9 +38,8 @@ INTERVAL = 0.1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS parts (name TEXT PRIMARY KEY, doc TEXT NOT NULL, wall REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS restart_history (
-    vm TEXT PRIMARY KEY, restarts TEXT NOT NULL, wall REAL NOT NULL
-);
+CREATE TABLE IF NOT EXISTS plugin_state (namespace TEXT NOT NULL, key TEXT NOT NULL,
+    value TEXT NOT NULL, wall REAL NOT NULL, PRIMARY KEY (namespace, key));
 CREATE TABLE IF NOT EXISTS fed (consumer TEXT NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY (consumer, seq));
 """
@@ -113,26 +111,38 @@ class StateFile:
             rows = self._db.execute("SELECT seq FROM fed WHERE consumer = ?", (consumer,))
             return {int(seq) for (seq,) in rows.fetchall()}
 
-    def restart_history(self, since: float) -> dict[str, list[dict[str, Any]]]:
-        """Each VM's restarts (``Restart`` fields, wall-clock times), of VMs restarted after
-        ``since``; older VMs' histories are deleted."""
+    def plugin_rows(self, namespace: str) -> list[tuple[str, str, float]]:
+        """Every key of ``namespace``: (key, JSON text, wall-clock time written), by key."""
         with self._lock:
-            self._db.execute("DELETE FROM restart_history WHERE wall <= ?", (since,))
-            rows = self._db.execute("SELECT vm, restarts FROM restart_history").fetchall()
-        found: dict[str, list[dict[str, Any]]] = {}
-        for vm, text in rows:
-            try:
-                found[vm] = list(json.loads(text))
-            except ValueError:
-                log.warning("%s: restart history of %s is not JSON: ignored", self.path, vm)
-        return found
+            rows = self._db.execute(
+                "SELECT key, value, wall FROM plugin_state WHERE namespace = ? ORDER BY key",
+                (namespace,),
+            ).fetchall()
+        return [(str(key), str(value), float(wall)) for key, value, wall in rows]
 
-    def save_restart_history(self, vm: str, restarts: list[dict[str, Any]], wall: float) -> None:
-        """Replace ``vm``'s restarts (written at once: a restart must not be forgotten)."""
+    def plugin_row(self, namespace: str, key: str) -> tuple[str, float] | None:
+        """``key`` of ``namespace``: (JSON text, wall-clock time written), or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT value, wall FROM plugin_state WHERE namespace = ? AND key = ?",
+                (namespace, key),
+            ).fetchone()
+        return None if row is None else (str(row[0]), float(row[1]))
+
+    def put_plugin_row(self, namespace: str, key: str, value: str, wall: float) -> None:
+        """Replace ``key`` of ``namespace`` with the JSON text ``value`` (committed at once)."""
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO restart_history (vm, restarts, wall) VALUES (?, ?, ?)",
-                (vm, json.dumps(restarts), wall),
+                "INSERT OR REPLACE INTO plugin_state (namespace, key, value, wall) "
+                "VALUES (?, ?, ?, ?)",
+                (namespace, key, value, wall),
+            )
+
+    def delete_plugin_row(self, namespace: str, key: str) -> None:
+        """Forget ``key`` of ``namespace`` (nothing if it is not there)."""
+        with self._lock:
+            self._db.execute(
+                "DELETE FROM plugin_state WHERE namespace = ? AND key = ?", (namespace, key)
             )
 
     def close(self) -> None:
@@ -141,32 +151,60 @@ class StateFile:
             self._db.close()
 
 
-class RestartHistoryStore:
-    """The restart guard's ``RestartHistory`` in the state file, on the wall clock.
+class PluginStore:
+    """One plugin's namespace of the state file: JSON values under string keys.
 
-    A guard given this store counts on ``time.time`` (``RestartGuard.attach``), so
-    the times it keeps mean the same after the sidecar restarts.
+    What ``reactor_state`` gets (``reactor.plugins.api.PluginState``). Each
+    ``put`` and ``delete`` is committed before it returns; a value that is not
+    JSON (or a key that is not a string) raises ``TypeError``/``ValueError``
+    and nothing is written. A value in the file that is not JSON reads as absent.
     """
 
-    KEEP = 86400.0
-    """Seconds a VM's history is kept after its last restart (longer than any window)."""
-
-    def __init__(self, file: StateFile) -> None:
+    def __init__(self, file: StateFile, namespace: str) -> None:
         self._file = file
-        self._cache = {
-            vm: tuple(Restart(**r) for r in rows)
-            for vm, rows in file.restart_history(time.time() - self.KEEP).items()
-        }
+        self.namespace = namespace
 
-    def load(self, vm: str) -> tuple[Restart, ...]:
-        """The restarts kept for ``vm``."""
-        return self._cache.get(vm, ())
+    def get(self, key: str) -> Any | None:
+        """The value kept under ``key``, or None."""
+        row = self._file.plugin_row(self.namespace, key)
+        return None if row is None else self._load(key, row[0])
 
-    def save(self, vm: str, restarts: tuple[Restart, ...]) -> None:
-        """Replace the restarts kept for ``vm``, in memory and in the file."""
-        self._cache[vm] = restarts
-        rows = [dataclasses.asdict(r) for r in restarts]
-        self._file.save_restart_history(vm, rows, time.time())
+    def put(self, key: str, value: Any) -> None:
+        """Keep ``value`` under ``key`` (written and committed now, with the wall-clock time)."""
+        if not isinstance(key, str):
+            raise TypeError(f"a state key is a string, not {type(key).__name__}")
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        self._file.put_plugin_row(self.namespace, key, text, time.time())
+
+    def delete(self, key: str) -> None:
+        """Forget ``key``."""
+        self._file.delete_plugin_row(self.namespace, key)
+
+    def items(self) -> list[tuple[str, Any]]:
+        """Every (key, value) of this namespace, by key."""
+        return [(key, value) for key, value, _ in self.entries()]
+
+    def written(self, key: str) -> float | None:
+        """When ``key`` was last written (wall clock, ``time.time``), or None."""
+        row = self._file.plugin_row(self.namespace, key)
+        return None if row is None else row[1]
+
+    def entries(self) -> list[tuple[str, Any, float]]:
+        """Every (key, value, wall-clock time written) of this namespace, by key."""
+        found = []
+        for key, text, wall in self._file.plugin_rows(self.namespace):
+            value = self._load(key, text)
+            if value is not None:
+                found.append((key, value, wall))
+        return found
+
+    def _load(self, key: str, text: str) -> Any | None:
+        try:
+            return json.loads(text)
+        except ValueError:
+            log.warning("%s: state %s of plugin %s is not JSON: ignored", self._file.path,
+                        key, self.namespace)  # fmt: skip
+            return None
 
 
 class StateKeeper:

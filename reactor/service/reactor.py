@@ -21,22 +21,23 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from reactor.actions import restart_vm
 from reactor.clock import Clock
 from reactor.dispatch.attempts import Render
 from reactor.dispatch.dispatcher import Dispatcher
 from reactor.dispatch.journal import Journal, journal_path
 from reactor.dispatch.silences import SilenceFilter, log_silenced, silence_path
 from reactor.engine.core import Engine
+from reactor.errors import PluginError
 from reactor.model import Envelope
 from reactor.params.secrets import Redactor, SecretResolver
 from reactor.plugins.api import ActionSettings, ActionType, VmControl
 from reactor.plugins.hookspecs import ActionOutcome
+from reactor.plugins.manager import Plugins
 from reactor.rules.catalog import load_catalog, qemu_version_of
 from reactor.rules.ruleset import RuleSet
 from reactor.rules.versions import release_problems, targets
 from reactor.service.config import Config
-from reactor.service.enginestate import RestartHistoryStore, StateFile, StateKeeper, state_path
+from reactor.service.enginestate import PluginStore, StateFile, StateKeeper, state_path
 from reactor.service.generation import Generation
 from reactor.service.render import Renderer
 from reactor.sources.vm import hostname, qemu_timestamp
@@ -160,18 +161,17 @@ class Reactor:
         self._seq = 0
         self._warned: set[tuple[str, str]] = set()  # (VM, QEMU version) already judged
         self.state: StateKeeper | None = None
-        """Keeps the engine's windows (and the restart guard's history) across restarts."""
+        """Keeps the engine's windows (and the plugins' own state) across restarts."""
         if keep_state and state_dir is not None:
             self.state = StateKeeper(self.engine, StateFile(state_path(state_dir)))
 
-    def keep_plugins_state(self, plugins: list[object]) -> None:
-        """Give the state file to the plugins that keep state in it (the restart guard)."""
+    def open_plugins_state(self, plugins: Plugins) -> None:
+        """Give each plugin its namespace of the state file (the ``reactor_state`` hook);
+        nothing without durable state. A plugin that fails raises PluginError naming it."""
         if self.state is None:
             return
-        store = RestartHistoryStore(self.state.file)
-        for plugin in plugins:
-            if isinstance(plugin, restart_vm.Plugin):
-                plugin.guard.attach(store)
+        file = self.state.file
+        plugins.state(lambda name: PluginStore(file, name))
 
     @classmethod
     def for_generation(cls, gen: Generation, *, clock: Clock, **kwargs: Any) -> Reactor:
@@ -183,14 +183,20 @@ class Reactor:
             config=gen.config, rules=gen.rules, action_types=gen.action_types,
             settings=gen.settings, render=gen.renderer, clock=clock, **kwargs,
         )  # fmt: skip
-        reactor.keep_plugins_state(gen.plugins.plugin_objects())
+        try:
+            reactor.open_plugins_state(gen.plugins)
+        except PluginError:
+            reactor.close_files()
+            raise
         return reactor
 
     def use(self, gen: Generation, observe: Callable[[Envelope], None] | None) -> None:
         """Run ``gen`` from now on (its ``qemu_stage`` must be this one's: that needs a restart).
 
         Invocations that start later use its action types; attempts that start
-        later use its settings, renderer and limits; new firings its rules.
+        later use its settings, renderer and limits; new firings its rules. Its
+        plugins get their state before (``open_plugins_state``, where a failure
+        can still refuse the reload).
         """
         acts = gen.config.actions
         self.config = gen.config
@@ -200,7 +206,6 @@ class Reactor:
             max_concurrency=acts.max_concurrency, per_type_limits=acts.limits,
         )  # fmt: skip
         self.engine.observe = observe
-        self.keep_plugins_state(gen.plugins.plugin_objects())
         self.swap_rules(gen.rules)
 
     def feed(self, env: Envelope) -> None:
@@ -253,6 +258,10 @@ class Reactor:
         if self.state is not None:
             await self.state.stop()
         await self.dispatcher.shutdown(grace)
+        self.close_files()
+
+    def close_files(self) -> None:
+        """Close the journal and the state file (a reactor that never started, or stopped)."""
         if self.journal is not None:
             self.journal.close()
         if self.state is not None:
