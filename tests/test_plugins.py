@@ -411,6 +411,7 @@ def test_every_hook_is_documented_and_tested() -> None:
         "reactor_register_actions",
         "reactor_shutdown",
         "reactor_startup",
+        "reactor_state",
     ]
     docs = (REPO / "docs" / "plugins.md").read_text()
     tests = "".join(p.read_text() for p in (REPO / "tests").glob("test_*.py"))
