@@ -48,6 +48,8 @@ FINAL = frozenset({"ok", "failed", "dead", "suppressed", "cancelled"})
 _JOURNALED = {"done": "ok", "failed": "failed", "dead": "dead", "skipped": "suppressed",
               "cancelled": "cancelled"}  # fmt: skip
 MAX_NAME = 256
+COMMAND_RULE = "nats-command:"
+"""The prefix of the rule name a command's invocation runs under (then the command)."""
 log = logging.getLogger("reactor.fleet")
 # Outcomes kept in memory for repeats: the journal row of a finished invocation is
 # updated by the group commit a moment after the outcome, so a repeat that came in
@@ -146,19 +148,17 @@ class CommandService:
         daemon = self._daemon
         assert daemon is not None and daemon.reactor is not None and daemon.conns is not None
         inv_id = derived_id("command", self.host, key)
-        pending = self._waiting.get(inv_id)
-        if pending is not None:
-            return _reply(await asyncio.shield(pending), duplicate=True)
+        repeat = await self._repeat(inv_id)
+        if repeat is not None:
+            return repeat
         journal = daemon.reactor.journal
         known = await asyncio.to_thread(journal.get, inv_id) if journal is not None else None
-        # Read after the journal, with no await before the future is set: an outcome
-        # given while the journal was read is either seen here or wakes the future.
-        finished = self._finished.get(inv_id)
-        if finished is not None:
-            return _reply(finished, duplicate=True)
-        pending = self._waiting.get(inv_id)
-        if pending is not None:
-            return _reply(await asyncio.shield(pending), duplicate=True)
+        # Asked again after the journal, with no await before the future is set (``_repeat``
+        # suspends only when it has a reply): an outcome given while the journal was read
+        # is either seen here or wakes the future.
+        repeat = await self._repeat(inv_id)
+        if repeat is not None:
+            return repeat
         if known is not None and known.status in _JOURNALED:
             return {"status": _JOURNALED[known.status], "error": known.last_error,
                     "duplicate": True}  # fmt: skip
@@ -176,11 +176,22 @@ class CommandService:
         finally:
             del self._waiting[inv_id]
 
+    async def _repeat(self, inv_id: str) -> dict[str, Any] | None:
+        """The reply to a repeat of a command this process finished or still runs; else None
+        (returned without suspending)."""
+        finished = self._finished.get(inv_id)
+        if finished is not None:
+            return _reply(finished, duplicate=True)
+        pending = self._waiting.get(inv_id)
+        if pending is not None:
+            return _reply(await asyncio.shield(pending), duplicate=True)
+        return None
+
     def _submit(
         self, daemon: Daemon, command: str, vm: str, params: dict[str, Any], key: str, inv_id: str
     ) -> bool:
         rule = Rule(
-            name=f"nats-command:{command}", events=(), location=WHERE, mode="parallel",
+            name=f"{COMMAND_RULE}{command}", events=(), location=WHERE, mode="parallel",
             actions=(ActionSpec(type=command, params=params, location=WHERE),),
         )  # fmt: skip
         now = time.time()
@@ -203,7 +214,7 @@ class CommandService:
         future = self._waiting.get(outcome.invocation_id)
         if future is not None and not future.done():
             future.set_result(outcome)
-        if future is not None or outcome.rule.startswith("nats-command:"):
+        if outcome.rule.startswith(COMMAND_RULE):  # a waiting future's is one too
             self._finished[outcome.invocation_id] = outcome
             while len(self._finished) > RECENT:
                 self._finished.popitem(last=False)
