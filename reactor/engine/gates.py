@@ -130,11 +130,6 @@ class QemuStage:
             return "QEMU stage: a custom throttle table"
         return f"QEMU stage: QEMU {release}'s rate limits ({why})"
 
-    def release_of(self, vm: str, host: str | None = None) -> str:
-        """The catalog release whose throttle table ``vm`` (of ``host``) follows."""
-        found = self._vms.get((host, vm))
-        return found[1] if found is not None else self._default
-
     def push(self, env: Envelope) -> bool:
         """True if ``env`` went to ``emit`` now; False if it is held (and may be replaced)."""
         if self.admit(env):
