@@ -44,8 +44,8 @@ from reactor.sources.domain import CRASHED, PAUSED, RUNNING, event_data, qemu_ve
 from reactor.sources.libvirt import LibvirtSource
 from reactor.sources.metadata import LABELS_MAX, NAMESPACE, parse_labels
 from tests.support.guest import PROMPT, READY_MARKER
-from tests.support.libvirtd import GuestFiles, Libvirtd, available, domain_xml
-from tests.support.sidecar import DEFAULT_RULES, REPO, Sidecar
+from tests.support.libvirtd import GuestFiles, Libvirtd, available, domain_xml, install
+from tests.support.sidecar import DEFAULT_RULES, Sidecar
 
 AUDIT = """\
 rules:
@@ -72,8 +72,8 @@ pytestmark = [pytest.mark.qemu, pytest.mark.guest]
 @pytest.fixture(scope="module")
 def libvirtd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Libvirtd]:
     if not available() and os.geteuid() == 0:
-        subprocess.run([str(REPO / ".ci" / "libvirt")], check=True)
-    assert available(), "the libvirt tests need libvirtd: run .ci/libvirt"
+        install()
+    assert available(), "the libvirt tests need libvirtd and libvirt-python: run .ci/libvirt"
     with Libvirtd(tmp_path_factory.mktemp("libvirtd")) as daemon:
         yield daemon
 

@@ -16,11 +16,14 @@ files) in ``/run/libvirt`` whatever the socket directory.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,8 +37,18 @@ START_TIMEOUT = 120.0
 
 
 def available() -> bool:
-    """Whether libvirtd, virtlogd and virsh are installed."""
-    return all(shutil.which(tool) for tool in ("libvirtd", "virtlogd", "virsh"))
+    """Whether libvirtd, virtlogd and virsh are installed, and libvirt-python in this
+    interpreter (a fresh virtual environment on a machine that has libvirtd lacks it)."""
+    importlib.invalidate_caches()  # .ci/libvirt may have installed it since the start
+    tools = all(shutil.which(tool) for tool in ("libvirtd", "virtlogd", "virsh"))
+    return tools and importlib.util.find_spec("libvirt") is not None
+
+
+def install() -> None:
+    """Run ``.ci/libvirt`` (root only): libvirtd and its tools, and libvirt-python into
+    this interpreter's environment."""
+    script = Path(__file__).resolve().parents[2] / ".ci" / "libvirt"
+    subprocess.run([str(script)], check=True, env={**os.environ, "PYTHON": sys.executable})
 
 
 class Libvirtd:
